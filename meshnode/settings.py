@@ -1,0 +1,114 @@
+"""Every meshnode setting, with its default. Pure data: no I/O (config.py reads files and env).
+
+Each section is a frozen dataclass; `configs/default.toml` lists the same keys (a test keeps the two
+in step). Field docstrings are the documentation shown by `meshnode config show` and README.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+# Trystero's default STUN servers (trystero-wire §7.1); Unstable Legion tabs use the same list.
+DEFAULT_ICE_SERVERS = [
+    "stun:stun.l.google.com:19302",
+    "stun:stun1.l.google.com:19302",
+    "stun:stun2.l.google.com:19302",
+    "stun:stun.cloudflare.com:3478",
+]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSettings:
+    model: str = "embedded"
+    """'embedded' (SmolLM2-135M-Instruct shipped in a PyPI wheel), a local HF folder, or a hub id."""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N | mps (auto picks CUDA > MPS > CPU)."""
+    dtype: str = "auto"
+    """auto | bfloat16 | float16 | float32 (auto: bf16 on CPU/CUDA, fp16 on MPS)."""
+    cache_dir: str = ""
+    """Where converted models are cached; empty = $XDG_CACHE_HOME/meshnode or ~/.cache/meshnode."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineSettings:
+    max_concurrent: int = 8
+    """Streams decoded together in one batch; more requests wait in the queue."""
+    max_queue: int = 32
+    """Requests allowed to wait for a batch slot; beyond that requests are refused as busy."""
+    max_prompt_tokens: int = 4096
+    """Longest accepted prompt (tokens after the chat template)."""
+    max_tokens: int = 1024
+    """Ceiling on max_tokens of any request."""
+    default_max_tokens: int = 256
+    """max_tokens when a request gives none."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoomSettings:
+    room: str = "legion-demo"
+    """Trystero roomId (the Unstable Legion classic demo room by default)."""
+    app_id: str = "unstable-legion-demo-v0"
+    """Trystero appId; tabs and meshnode must use the same one."""
+    strategy: str = "mqtt"
+    """Signaling strategy: mqtt | nostr | torrent | ws-relay (or a third-party adapter name)."""
+    relays: list[str] = field(default_factory=list)
+    """Relay URLs; empty = the strategy's defaults (the Unstable Legion MQTT brokers for mqtt)."""
+    password: str = ""
+    """Room password (encrypts signaling end to end). Prefer MESHNODE_ROOM__PASSWORD over the file."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class WebRTCSettings:
+    ice_servers: list[str] = field(default_factory=lambda: list(DEFAULT_ICE_SERVERS))
+    """STUN/TURN URLs (turn:user:pass@host:port for credentials); [] for loopback tests."""
+    host_addresses_mode: str = "auto"
+    """auto (aioice default) | append | only: which host addresses ICE gathers (see host_addresses)."""
+    host_addresses: list[str] = field(default_factory=lambda: ["127.0.0.1"])
+    """Addresses added (append) or used alone (only); aioice drops loopback by itself."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LegionSettings:
+    nick: str = ""
+    """Name shown to other peers; empty = meshnode-<4 chars of the peer id>."""
+    skills: list[str] = field(default_factory=lambda: ["chat"])
+    """Skills advertised in cap."""
+    authoritative: list[str] = field(default_factory=list)
+    """Skills this node claims authority for (cap.authoritative)."""
+    system_prompt: str = ""
+    """System prompt used when a request gives none."""
+    answer_broadcast_ai: bool = True
+    """Answer broadcast '/ai' chat (one meshnode per room is elected); false = directed only."""
+    max_calls_per_peer: int = 2
+    """Concurrent engine_run calls one peer may have open."""
+    calls_per_minute: int = 30
+    """engine_run / ping calls one peer may start per minute."""
+    frame_max_ids: int = 16
+    """Most token ids coalesced into one cf frame."""
+    frame_max_delay_ms: int = 50
+    """Longest a generated id waits to be coalesced before its frame is sent."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class HttpSettings:
+    host: str = "127.0.0.1"
+    """Bind address of serve-http."""
+    port: int = 8000
+    """Port of serve-http."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    model: ModelSettings = field(default_factory=ModelSettings)
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    room: RoomSettings = field(default_factory=RoomSettings)
+    webrtc: WebRTCSettings = field(default_factory=WebRTCSettings)
+    legion: LegionSettings = field(default_factory=LegionSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
+
+
+SECRET_KEYS = {("room", "password")}
+
+
+def section_names() -> list[str]:
+    return [f.name for f in fields(Settings)]
