@@ -1,0 +1,257 @@
+"""Chromium running real Trystero (@trystero-p2p/<strategy> 0.25.3) ↔ meshnode's Python ``Room``.
+
+For each strategy — mqtt (mosquitto's WebSocket listener), nostr (nostr-relay), torrent
+(bittorrent-tracker) — one tab and one Python peer join one room on the local relay; both see the
+other join; JSON, string and binary actions (including 1 MB, 62 chunks) go both ways; the bytes the
+tab receives from Python are checked against trystero-wire §8 (room token, tags, nonce, progress,
+chunk sizes, JS-compatible JSON); then one side leaves and the other sees it. A wrong password never
+joins, and the side that cannot decrypt says why (the Python log via caplog, or the tab's
+``onJoinError``).
+
+Runs on a host network and inside a loopback-only namespace (test-harness §3); there the selected
+ICE pair must be 127.0.0.1 ↔ 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import random
+import string
+from typing import Any
+
+import pytest
+
+from .conftest import PyRoomFactory, Tab, TabFactory, loopback_only, pattern_bytes, sha256_hex, unique_name
+
+pytestmark = pytest.mark.browser
+
+JOIN_TIMEOUT_S = 30.0
+"""Until both sides see the other (torrent offers wait for ICE gathering, ≤ 15 s worst case)."""
+MESSAGE_TIMEOUT_S = 30.0
+NO_JOIN_WINDOW_S = 2.0
+"""After a wrong-password failure was observed: how long neither side may report a join."""
+
+ONE_MB = 1_000_000
+CHUNK_PAYLOAD = 16_348
+
+JSON_TO_PY: dict[str, Any] = {"hello": "python", "list": [1, 2.5, None, True, "ü✓"], "nested": {"a": {"b": []}}}
+JSON_TO_TAB: dict[str, Any] = {"hello": "tab", "int": 1, "float_int": 1.0, "small": 1e-7, "big": 1e21, "s": "ü✓"}
+JSON_TO_TAB_JS = '{"hello":"tab","int":1,"float_int":1,"small":1e-7,"big":1e+21,"s":"ü✓"}'
+"""``JSON.stringify(JSON_TO_TAB)`` in a browser: the bytes Python must put on the wire (P11)."""
+TEXT_TO_PY = "plain text from the tab ✓ — not JSON: {"
+TEXT_TO_TAB = "plain text from python ✓ — not JSON: ["
+SMALL_BINARY = bytes(range(256))
+
+
+def room_token(app_id: str, room_id: str) -> str:
+    """SHA-256 hex of ``Trystero:APP:ROOM`` (trystero-wire §3.1), computed independently."""
+    return hashlib.sha256(f"Trystero:{app_id}:{room_id}".encode()).hexdigest()
+
+
+def forced_id(prefix: str) -> str:
+    """A 20-character selfId that sorts before ("0000…") or after ("zzzz…") any browser id."""
+    alphabet = string.digits + string.ascii_letters
+    return prefix + "".join(random.choice(alphabet) for _ in range(20 - len(prefix)))  # noqa: S311
+
+
+def js_progress(i: int, n: int) -> int:
+    """``Math.round(((i + 1) / n) * 255)`` (trystero-wire §8.2, P12)."""
+    return math.floor((i + 1) / n * 255 + 0.5)
+
+
+async def next_event(room: Any, timeout: float = JOIN_TIMEOUT_S) -> Any:
+    return await asyncio.wait_for(room.next_event(), timeout)
+
+
+async def receive(room: Any, action: str, timeout: float = MESSAGE_TIMEOUT_S) -> Any:
+    return await asyncio.wait_for(room.make_action(action).receive(), timeout)
+
+
+async def join_both(
+    tab: Tab,
+    py_room: PyRoomFactory,
+    relay_urls: list[str],
+    strategy: str,
+    app_id: str,
+    room_id: str,
+    password: str,
+    **py_settings: Any,
+) -> tuple[str, Any]:
+    """The tab joins, then Python; returns (tab id, python room) once both saw the other join."""
+    tab_id = await tab.join(strategy, relay_urls, app_id, room_id, password, debug=True)
+    room = await py_room(
+        strategy=strategy, relay_urls=relay_urls, app_id=app_id, room_id=room_id, password=password, **py_settings
+    )
+    for action in ("json", "bin", "text"):
+        room.make_action(action)
+    assert await tab.wait_peer(room.self_id, timeout=JOIN_TIMEOUT_S) == room.self_id
+    event = await next_event(room)
+    assert (event.kind, event.peer_id) == ("join", tab_id)
+    assert room.peers == [tab_id]
+    return tab_id, room
+
+
+def python_frames(frames: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [f for f in frames if f["dir"] == "in" and f["frame"] == "room" and f["name"] == name]
+
+
+# ------------------------------------------------------------------------------------------ exchange
+
+STRATEGIES = ("mqtt", "nostr", "torrent")
+EXCHANGE_CASES = [
+    pytest.param(strategy, password, leaver, id=f"{strategy}-{'password' if password else 'open'}-{leaver}-leaves")
+    for strategy in STRATEGIES
+    for password, leaver in (("", "python"), ("s3cret pässword", "tab"))
+]
+
+
+@pytest.mark.parametrize(("strategy", "password", "leaver"), EXCHANGE_CASES)
+async def test_join_exchange_leave(
+    strategy: str,
+    password: str,
+    leaver: str,
+    tab: Tab,
+    py_room: PyRoomFactory,
+    relay_urls: dict[str, list[str]],
+    request: pytest.FixtureRequest,
+) -> None:
+    app_id, room_id = unique_name(request, "-app"), "interop-room"
+    tab_id, room = await join_both(tab, py_room, relay_urls[strategy], strategy, app_id, room_id, password)
+
+    # -- tab → Python: JSON, string, small binary, 1 MB binary (62 chunks)
+    await tab.send_json("json", JSON_TO_PY)
+    await tab.send_string("text", TEXT_TO_PY)
+    await tab.send_bytes("bin", SMALL_BINARY)
+    await tab.send_pattern("bin", ONE_MB, seed=11)
+    message = await receive(room, "json")
+    assert (message.peer_id, message.payload, message.metadata) == (tab_id, JSON_TO_PY, None)
+    message = await receive(room, "text")
+    assert (message.peer_id, message.payload) == (tab_id, TEXT_TO_PY)
+    assert isinstance(message.payload, str)
+    message = await receive(room, "bin")
+    assert (message.peer_id, message.payload) == (tab_id, SMALL_BINARY)
+    assert isinstance(message.payload, bytes)
+    message = await receive(room, "bin")
+    assert message.peer_id == tab_id and isinstance(message.payload, bytes)
+    assert (len(message.payload), sha256_hex(message.payload)) == (ONE_MB, sha256_hex(pattern_bytes(ONE_MB, 11)))
+
+    # -- Python → tab
+    assert await room.make_action("json").send(JSON_TO_TAB) == [tab_id]
+    await room.make_action("text").send(TEXT_TO_TAB)
+    await room.make_action("bin").send(SMALL_BINARY, target=tab_id)
+    await room.make_action("bin").send(pattern_bytes(ONE_MB, 5))
+    (json_msg,) = await tab.wait_messages("json", 1, room.self_id, timeout=MESSAGE_TIMEOUT_S)
+    assert (json_msg["kind"], json_msg["value"]) == ("json", {**JSON_TO_TAB, "float_int": 1})
+    (text_msg,) = await tab.wait_messages("text", 1, room.self_id, timeout=MESSAGE_TIMEOUT_S)
+    assert (text_msg["kind"], text_msg["value"]) == ("string", TEXT_TO_TAB)
+    small, big = await tab.wait_messages("bin", 2, room.self_id, timeout=MESSAGE_TIMEOUT_S)
+    assert (small["kind"], small["size"], small["sha256"]) == ("binary", 256, sha256_hex(SMALL_BINARY))
+    assert (big["kind"], big["size"], big["sha256"]) == ("binary", ONE_MB, sha256_hex(pattern_bytes(ONE_MB, 5)))
+
+    # -- the bytes Python put on the data channel, as the tab saw them (trystero-wire §8)
+    frames = await tab.get("frames")
+    token = room_token(app_id, room_id)
+    from_python = [f for f in frames if f["dir"] == "in" and f["frame"] in ("room", "presence")]
+    assert from_python and all(f["token"] == token for f in from_python), from_python[:3]
+    assert {f["frame"] for f in frames if f["dir"] == "in"} <= {"room", "presence"}
+    (json_frame,) = python_frames(frames, "json")
+    assert (json_frame["tag"], json_frame["progress"], json_frame["nonce"]) == (0x09, 255, 0)
+    assert bytes.fromhex(json_frame["head"]).decode() == JSON_TO_TAB_JS
+    (text_frame,) = python_frames(frames, "text")
+    assert (text_frame["tag"], bytes.fromhex(text_frame["head"]).decode()) == (0x01, TEXT_TO_TAB)
+    bin_frames = python_frames(frames, "bin")
+    n = math.ceil(ONE_MB / CHUNK_PAYLOAD)
+    assert len(bin_frames) == 1 + n
+    assert (bin_frames[0]["nonce"], bin_frames[0]["tag"], bin_frames[0]["len"]) == (0, 0x0D, 256)
+    big_chunks = bin_frames[1:]
+    assert {f["nonce"] for f in big_chunks} == {1}
+    assert [f["tag"] for f in big_chunks] == [0x0C] * (n - 1) + [0x0D]
+    assert [f["len"] for f in big_chunks] == [CHUNK_PAYLOAD] * (n - 1) + [ONE_MB - (n - 1) * CHUNK_PAYLOAD]
+    assert [f["progress"] for f in big_chunks] == [js_progress(i, n) for i in range(n)]
+    hs_names = [f["name"] for f in frames if f["dir"] == "in" and f["frame"] == "room" and f["name"].startswith("@_")]
+    assert "@_hsready" in hs_names
+    assert ("@_hsdata" in hs_names) == bool(password)
+
+    # -- ICE ran over loopback
+    pair = (await tab.stats())[room.self_id]
+    assert pair is not None, "the tab has no selected candidate pair to the Python peer"
+    if loopback_only():
+        assert pair["local"]["address"] == pair["remote"]["address"] == "127.0.0.1", pair
+
+    # -- leaving
+    if leaver == "python":
+        await asyncio.wait_for(room.leave(), 10)
+        await tab.wait_leave(room.self_id, timeout=JOIN_TIMEOUT_S)
+        frames = await tab.get("frames")
+        assert python_frames(frames, "@_leave"), "Python left without sending @_leave"
+        assert any(f["dir"] == "in" and f["frame"] == "presence" and f["present"] == 0 for f in frames)
+    else:
+        await tab.leave()
+        event = await next_event(room)
+        assert (event.kind, event.peer_id) == ("leave", tab_id)
+        assert room.peers == []
+
+
+# ------------------------------------------------------------------------------------------ wrong password
+
+WRONG_PASSWORD_CASES = [
+    # Python's id sorts after the tab's: the tab offers and Python cannot decrypt the offer.
+    pytest.param("mqtt", "zzzz", id="mqtt-python-answers"),
+    pytest.param("nostr", "zzzz", id="nostr-python-answers"),
+    # Torrent: both sides put offers on the tracker; Python cannot decrypt the tab's.
+    pytest.param("torrent", None, id="torrent"),
+    # Python's id sorts first: Python offers and the tab cannot decrypt the offer.
+    pytest.param("mqtt", "0000", id="mqtt-python-offers"),
+]
+
+
+@pytest.mark.parametrize(("strategy", "id_prefix"), WRONG_PASSWORD_CASES)
+async def test_wrong_password_never_joins(
+    strategy: str,
+    id_prefix: str | None,
+    tab: Tab,
+    py_room: PyRoomFactory,
+    relay_urls: dict[str, list[str]],
+    request: pytest.FixtureRequest,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    app_id, room_id = unique_name(request, "-app"), "interop-room"
+    urls = relay_urls[strategy]
+    tab_id = await tab.join(strategy, urls, app_id, room_id, "the right one", debug=True)
+
+    loop = asyncio.get_running_loop()
+    py_error: asyncio.Future[tuple[str, str]] = loop.create_future()
+    settings: dict[str, Any] = {}
+    if id_prefix is not None:
+        settings["self_id"] = forced_id(id_prefix)
+    room = await py_room(
+        strategy=strategy, relay_urls=urls, app_id=app_id, room_id=room_id, password="a wrong one", **settings
+    )
+    room.on_join_error(lambda peer, reason: py_error.done() or py_error.set_result((peer, reason)))
+    python_decrypts = strategy == "torrent" or room.self_id > tab_id
+
+    if python_decrypts:
+        peer, reason = await asyncio.wait_for(py_error, JOIN_TIMEOUT_S)
+        assert peer == tab_id and "password" in reason, reason
+        why = [
+            r for r in caplog.records
+            if r.levelno >= logging.WARNING and tab_id in r.getMessage() and "password" in r.getMessage()
+        ]
+        assert why, "the Python log does not say why the tab could not join"
+        assert "decrypt" in why[0].getMessage()
+    else:
+        error = await tab.wait(
+            "id => T.events.find(e => e.type === 'joinError' && e.peerId === id)", room.self_id, JOIN_TIMEOUT_S
+        )
+        assert "incorrect room password" in error["error"], error
+
+    # Neither side joins (a join needs a decrypted offer/answer; re-sent offers fail the same way).
+    with pytest.raises(TimeoutError):
+        await room.wait_for_peers(1, timeout=NO_JOIN_WINDOW_S)
+    assert room.peers == []
+    assert await tab.events("join") == []
+    assert await tab.get("peers") == []

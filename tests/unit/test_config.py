@@ -1,0 +1,73 @@
+"""Settings precedence (defaults < file < env < flags), validation and configs/default.toml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from meshnode.cli import FLAG_KEYS, build_parser
+from meshnode.config import default_toml, describe, known_keys, load_settings
+from meshnode.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_default_toml_is_in_step_with_settings() -> None:
+    assert (ROOT / "configs" / "default.toml").read_text() == default_toml()
+    settings, sources = load_settings(ROOT / "configs" / "default.toml", env={})
+    defaults, _ = load_settings(None, env={})
+    assert settings == defaults
+
+
+def test_precedence_defaults_file_env_flags(tmp_path: Path) -> None:
+    cfg = tmp_path / "m.toml"
+    cfg.write_text('[room]\nroom = "from-file"\nstrategy = "nostr"\n[engine]\nmax_concurrent = 3\n')
+    env = {"MESHNODE_ROOM__ROOM": "from-env", "MESHNODE_ENGINE__MAX_CONCURRENT": "5"}
+    settings, sources = load_settings(cfg, env=env, flags={("room", "room"): "from-flag"})
+    assert settings.room.room == "from-flag" and sources[("room", "room")] == "flag"
+    assert settings.engine.max_concurrent == 5 and sources[("engine", "max_concurrent")].startswith("env")
+    assert settings.room.strategy == "nostr" and sources[("room", "strategy")].startswith("file")
+    assert settings.room.app_id == "unstable-legion-demo-v0" and sources[("room", "app_id")] == "default"
+
+
+def test_legion_aliases_and_lists() -> None:
+    env = {"LEGION_RELAY_URLS": "wss://a/mqtt, wss://b/mqtt", "MESHNODE_WEBRTC__ICE_SERVERS": "[]"}
+    settings, _ = load_settings(None, env=env)
+    assert settings.room.relays == ["wss://a/mqtt", "wss://b/mqtt"]
+    assert settings.webrtc.ice_servers == []
+
+
+def test_secrets_are_redacted() -> None:
+    settings, sources = load_settings(None, env={"MESHNODE_ROOM__PASSWORD": "hunter2"})
+    rows = {key: (value, source) for key, value, source in describe(settings, sources)}
+    assert rows["room.password"] == ("***", "env MESHNODE_ROOM__PASSWORD")
+
+
+@pytest.mark.parametrize(
+    ("toml", "env", "message"),
+    [
+        ("[room]\nnope = 1\n", {}, "unknown setting room.nope"),
+        ("[engine]\nmax_concurrent = 0\n", {}, "engine.max_concurrent"),
+        ("", {"MESHNODE_ENGINE__MAX_QUEUE": "many"}, "MESHNODE_ENGINE__MAX_QUEUE"),
+        ("", {"MESHNODE_WEBRTC__HOST_ADDRESSES_MODE": "all"}, "host_addresses_mode"),
+        ("not toml [", {}, "not valid TOML"),
+    ],
+)
+def test_errors_name_key_and_source(tmp_path: Path, toml: str, env: dict[str, str], message: str) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(toml)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        load_settings(cfg, env=env)
+
+
+def test_every_flag_maps_to_a_real_setting() -> None:
+    keys = known_keys()
+    assert all(key in keys for key in FLAG_KEYS.values())
+    args = build_parser().parse_args(["join", "--room", "r", "--relay", "ws://x", "--relay", "ws://y",
+                                      "--ice-host-mode", "only"])
+    from meshnode.cli import _flags
+
+    settings, _ = load_settings(None, env={}, flags=_flags(args))
+    assert settings.room.relays == ["ws://x", "ws://y"]
+    assert settings.webrtc.host_addresses_mode == "only"

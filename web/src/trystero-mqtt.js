@@ -1,0 +1,2 @@
+// Browser entry for the Trystero mqtt strategy; bundled by scripts/build-web.sh.
+export * from '@trystero-p2p/mqtt'
