@@ -74,23 +74,16 @@ def _sequential(loaded: LoadedModel, prompts: list[list[int]], max_tokens: int) 
     """Run ``model.generate`` on each prompt in turn."""
     outputs: list[list[int]] = []
     ttfts: list[float] = []
+    # An empty EOS list makes generate run to max_new_tokens, exactly like the engine with no EOS.
+    no_eos: dict[str, Any] = {"eos_token_id": [], "pad_token_id": 0}
     started = time.perf_counter()
     with torch.inference_mode():
         for prompt in prompts:
             inputs = torch.tensor([prompt], device=loaded.device)
             t0 = time.perf_counter()
-            loaded.model.generate(
-                inputs, max_new_tokens=1, min_new_tokens=1, do_sample=False,
-                pad_token_id=loaded.eos_ids[0] if loaded.eos_ids else 0,
-            )
+            loaded.model.generate(inputs, max_new_tokens=1, do_sample=False, **no_eos)
             ttfts.append(time.perf_counter() - t0)
-            out = loaded.model.generate(
-                inputs,
-                max_new_tokens=max_tokens,
-                min_new_tokens=max_tokens,
-                do_sample=False,
-                pad_token_id=loaded.eos_ids[0] if loaded.eos_ids else 0,
-            )
+            out = loaded.model.generate(inputs, max_new_tokens=max_tokens, do_sample=False, **no_eos)
             outputs.append(out[0, len(prompt) :].tolist())
     # The separate 1-token call only measures TTFT; remove its time from the throughput figure.
     elapsed = time.perf_counter() - started - sum(ttfts)

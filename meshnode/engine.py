@@ -66,6 +66,8 @@ MAX_SEED = 2**64 - 1
 """Largest accepted seed (``torch.Generator.manual_seed`` takes unsigned 64-bit values)."""
 DEFAULT_STREAM_BUFFER_CHUNKS = 64
 """Chunks a stream buffers before coalescing further ids into its last chunk."""
+STOP_CONTEXT_TOKENS = 4
+"""Already-emitted ids decoded as left context when searching stop strings."""
 DEFAULT_PREFILL_BUDGET_TOKENS = 1024
 """Prompt tokens prefilled between two decode steps (at least one request is always admitted)."""
 
@@ -1057,12 +1059,17 @@ class TorchEngine:
     def _scan_stop_strings(self, request: _Request) -> tuple[int, str | None]:
         """Search the not-yet-emitted text for stop strings.
 
+        Only the held-back tail can contain a stop string: emitted text never ends with a proper
+        prefix of one. The tail is decoded with a few emitted ids of left context, because
+        SentencePiece-style tokenizers drop a word's leading space at the start of a decode.
+
         Returns:
             ``(ready, matched)``: the ids ``generated[:ready]`` may be emitted; ``matched`` is the
             stop string found (then ``ready`` ends before it), else ``None``.
         """
         tail = request.generated[request.emitted :]
-        text = self.decode(tail)
+        context = request.generated[max(0, request.emitted - STOP_CONTEXT_TOKENS) : request.emitted]
+        text = self._decode_after(context, tail)
         stops = request.params.stop
         found: tuple[int, str] | None = None
         for stop in stops:
@@ -1083,11 +1090,19 @@ class TorchEngine:
                 return len(request.generated), None
             limit = len(text) - hold
         keep = 0
-        for count in range(len(tail), 0, -1):
-            if len(self.decode(tail[:count])) <= limit:
+        for count in range(len(tail) - 1, 0, -1):
+            if len(self._decode_after(context, tail[:count])) <= limit:
                 keep = count
                 break
         return request.emitted + keep, found[1] if found is not None else None
+
+    def _decode_after(self, context: list[int], ids: list[int]) -> str:
+        """Text of ``ids`` as it reads after ``context`` (falls back to decoding ``ids`` alone)."""
+        if not context:
+            return self.decode(ids)
+        before = self.decode(context)
+        both = self.decode(context + ids)
+        return both[len(before) :] if both.startswith(before) else self.decode(ids)
 
     def _emit(self, request: _Request, upto: int, reason: FinishReason | None, **extra: Any) -> None:
         """Queue ``generated[emitted:upto]`` (and possibly the end) for the request's stream."""

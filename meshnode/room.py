@@ -37,6 +37,7 @@ from meshnode.errors import ConfigError, MeshError
 from meshnode.transport.peer import (
     HostAddressMode,
     IceServerSpec,
+    NegotiationFailed,
     PeerError,
     PeerLink,
     install_host_address_override,
@@ -60,7 +61,12 @@ from meshnode.wire.roomframes import (
 from signaling import names, registry
 from signaling.base import SignalingError
 from signaling.messages import Candidate, SignalingMessageError, parse_candidate_json
-from signaling.strategy import StrategyTimers, TaskOwner, TopicStrategy
+from signaling.strategy import (
+    NegotiationError,
+    StrategyTimers,
+    TaskOwner,
+    TopicStrategy,
+)
 from signaling.torrent_strategy import TrackerStrategy
 
 __all__ = [
@@ -105,7 +111,7 @@ class HandshakeFailed(PeerError):
     """The per-room join handshake with a peer failed (wrong password, bad messages)."""
 
 
-# -- configuration --------------------------------------------------------------------------------
+# -- configuration ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,8 +136,10 @@ class RoomConfig:
     app_id share connections to a peer, as Trystero rooms of one page do."""
     ice_servers: list[IceServerSpec] = field(default_factory=list)
     """STUN/TURN servers (strings or ``{"urls", "username", "credential"}``); [] = host only."""
+    ice_transport_policy: Literal["all", "relay"] = "all"
+    """``relay`` uses TURN candidates only (RTCConfiguration.iceTransportPolicy)."""
     host_addresses_mode: HostAddressMode = "auto"
-    """aioice host addresses: ``auto`` (leave aioice alone), ``append`` or ``only`` (process-wide)."""
+    """aioice host addresses: ``auto`` (untouched), ``append`` or ``only`` (process-wide)."""
     host_addresses: list[str] = field(default_factory=lambda: ["127.0.0.1"])
     """Addresses for ``append`` / ``only``."""
     handshake_timeout_seconds: float = 10.0
@@ -176,7 +184,7 @@ class RoomConfig:
             raise ConfigError("room timeouts and queue sizes must be positive")
 
 
-# -- public value types ---------------------------------------------------------------------------
+# -- public value types ----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,7 +261,7 @@ class _Mailbox(Generic[T]):
         return len(self._items)
 
 
-# -- actions --------------------------------------------------------------------------------------
+# -- actions ---------------------------------------------------------------------------------------
 
 
 class Action:
@@ -323,7 +331,7 @@ class Action:
                 return
 
 
-# -- per-(room, peer) binding ---------------------------------------------------------------------
+# -- per-(room, peer) binding ----------------------------------------------------------------------
 
 
 @dataclass(eq=False)
@@ -339,7 +347,7 @@ class _Binding:
     pings: deque[asyncio.Future[None]] = field(default_factory=deque)
 
 
-# -- shared connections per (selfId, appId) -------------------------------------------------------
+# -- shared connections per (selfId, appId) --------------------------------------------------------
 
 
 class _AppMesh:
@@ -364,7 +372,7 @@ class _AppMesh:
             mesh = cls._registry[key] = cls(self_id, app_id)
         return mesh
 
-    # -- rooms ----------------------------------------------------------------------------------
+    # -- rooms -------------------------------------------------------------------------------------
 
     def add_room(self, room: Room) -> None:
         if room.token in self.rooms:
@@ -384,9 +392,12 @@ class _AppMesh:
                 await asyncio.gather(*(self._send_quietly(link, [frame]) for link in links))
         except TimeoutError:
             logger.debug("presence(0) did not go out everywhere in time")
-        for peer_id, link in list(self.live.items()):
-            if not any(peer_id in other._bindings for other in self.rooms.values()):
-                await self._close_link(link)
+        unused = [
+            link
+            for peer_id, link in self.live.items()
+            if not any(peer_id in other._bindings for other in self.rooms.values())
+        ]
+        await asyncio.gather(*(self._close_link(link) for link in unused))
         for link, origin in list(self.pending.items()):
             if origin is room:
                 await link.close()
@@ -404,7 +415,7 @@ class _AppMesh:
             await link.close()
         await self._tasks.aclose()
 
-    # -- links ------------------------------------------------------------------------------------
+    # -- links -------------------------------------------------------------------------------------
 
     def new_link(self, room: Room, peer_id: str | None) -> PeerLink:
         config = room.config
@@ -429,6 +440,7 @@ class _AppMesh:
             high_water_bytes=config.high_water_bytes,
             drain_timeout_seconds=config.drain_timeout_seconds,
             disconnected_grace_seconds=config.disconnected_grace_seconds,
+            ice_transport_policy=config.ice_transport_policy,
         )
         self.pending[link] = room
         return link
@@ -566,13 +578,19 @@ class _RoomPeerFactory:
         link = self._mesh.new_link(self._room, peer_id)
         try:
             return link, await link.accept_offer(sdp)
+        except NegotiationFailed as exc:  # the remote's SDP: the engine logs it as a warning
+            await link.close()
+            raise NegotiationError(str(exc)) from exc
         except BaseException:
             await link.close()
             raise
 
     async def accept_answer(self, handle: PeerLink, peer_id: str, sdp: str) -> None:
         handle.peer_id = peer_id
-        await handle.accept_answer(sdp)
+        try:
+            await handle.accept_answer(sdp)
+        except NegotiationFailed as exc:
+            raise NegotiationError(str(exc)) from exc
 
     async def add_candidate(self, handle: PeerLink, candidate: Candidate) -> None:
         await handle.add_candidate(
@@ -586,7 +604,7 @@ class _RoomPeerFactory:
         await handle.close()
 
 
-# -- the room -------------------------------------------------------------------------------------
+# -- the room --------------------------------------------------------------------------------------
 
 
 JoinErrorCallback = Callable[[str, str], None]
@@ -634,7 +652,7 @@ class Room:
     def __repr__(self) -> str:
         return f"Room({self.config.room_id!r}, self_id={self.self_id!r}, peers={len(self.peers)})"
 
-    # -- lifecycle --------------------------------------------------------------------------------
+    # -- lifecycle ---------------------------------------------------------------------------------
 
     @classmethod
     async def join(cls, config: RoomConfig, *, relays: Sequence[Any] | None = None) -> Room:
@@ -693,7 +711,9 @@ class Room:
         except (SignalingError, ValueError) as exc:
             raise ConfigError(f"room.strategy {config.strategy!r}: {exc}") from exc
 
-    def _build_strategy(self, relays: list[Any], factory: _RoomPeerFactory) -> TopicStrategy | TrackerStrategy:
+    def _build_strategy(
+        self, relays: list[Any], factory: _RoomPeerFactory
+    ) -> TopicStrategy | TrackerStrategy:
         config = self.config
         kinds = {getattr(relay, "kind", None) for relay in relays}
         common: dict[str, Any] = {
@@ -781,7 +801,7 @@ class Room:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.leave()
 
-    # -- membership -------------------------------------------------------------------------------
+    # -- membership --------------------------------------------------------------------------------
 
     @property
     def peers(self) -> list[str]:
@@ -799,7 +819,7 @@ class Room:
         return lambda: self._join_callbacks.remove(callback)
 
     def on_peer_leave(self, callback: PeerCallback) -> Callable[[], None]:
-        """Call `callback(peer_id)` whenever a joined peer leaves; returns an unregister function."""
+        """Call `callback(peer_id)` when a joined peer leaves; returns an unregister function."""
         self._leave_callbacks.append(callback)
         return lambda: self._leave_callbacks.remove(callback)
 
@@ -873,7 +893,7 @@ class Room:
                 if joined >= count and not waiter.done():
                     waiter.set_result(None)
 
-    # -- bindings and the handshake (§8.6) ------------------------------------------------------
+    # -- bindings and the handshake (§8.6) ---------------------------------------------------------
 
     def _strategy_release(self, peer_id: str, link: PeerLink) -> None:
         if self._strategy is not None and not self._strategy.closed:
@@ -914,11 +934,13 @@ class Room:
             self._unbind(peer_id, emit=False, binding=binding)
             return
         except HandshakeFailed as exc:
-            logger.warning("peer %s failed the handshake in room %r: %s", peer_id, self.config.room_id, exc)
+            logger.warning(
+                "peer %s failed the handshake in room %r: %s", peer_id, self.config.room_id, exc
+            )
             self._join_error(peer_id, str(exc))
             self._unbind(peer_id, emit=False, binding=binding)
             return
-        except PeerError as exc:  # connection went away during the handshake
+        except (PeerError, RoomClosed) as exc:  # connection or binding went away meanwhile
             logger.debug("handshake with %s aborted: %s", peer_id, exc)
             self._unbind(peer_id, emit=False, binding=binding)
             return
@@ -931,15 +953,21 @@ class Room:
         config = self.config
         if self.self_id < binding.peer_id:  # the smaller id challenges (§8.6)
             challenge = names.gen_id(CHALLENGE_LENGTH)
-            await self._send_internal(binding, HSDATA, {PASSWORD_FIELD: "challenge", "c": challenge})
+            await self._send_internal(
+                binding, HSDATA, {PASSWORD_FIELD: "challenge", "c": challenge}
+            )
             reply = await binding.hsdata.get()
-            expected = names.password_hash(challenge, config.password, config.app_id, config.room_id)
+            expected = names.password_hash(
+                challenge, config.password, config.app_id, config.room_id
+            )
             if not (
                 isinstance(reply, dict)
                 and reply.get(PASSWORD_FIELD) == "response"
                 and reply.get("h") == expected
             ):
-                raise HandshakeFailed("wrong room password? (bad challenge response)", peer_id=binding.peer_id)
+                raise HandshakeFailed(
+                    "wrong room password? (bad challenge response)", peer_id=binding.peer_id
+                )
         else:
             message = await binding.hsdata.get()
             await self._answer_challenge(binding, message)
@@ -985,7 +1013,7 @@ class Room:
         if binding is not None and binding.link is link:
             self._unbind(peer_id, emit=True)
 
-    # -- inbound actions ----------------------------------------------------------------------------
+    # -- inbound actions ---------------------------------------------------------------------------
 
     def _on_chunk(self, peer_id: str, link: PeerLink, chunk: bytes) -> None:
         binding = self._bindings.get(peer_id)
@@ -1081,7 +1109,7 @@ class Room:
             "candidate",
         )
 
-    # -- outbound -----------------------------------------------------------------------------------
+    # -- outbound ----------------------------------------------------------------------------------
 
     def make_action(self, name: str) -> Action:
         """The action called `name` (≤ 32 UTF-8 bytes; the same object for the same name).
@@ -1121,7 +1149,9 @@ class Room:
             logger.debug("not sending to %s: not joined", ", ".join(missing))
         return [peer for peer in wanted if peer in joined]
 
-    async def _send_frames(self, peers: list[str], frames: list[bytes], *, quiet: bool = False) -> None:
+    async def _send_frames(
+        self, peers: list[str], frames: list[bytes], *, quiet: bool = False
+    ) -> None:
         """Send `frames` in order to each peer; peers are served concurrently with backpressure."""
 
         async def to_peer(peer_id: str) -> None:

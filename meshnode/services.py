@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from meshnode.errors import AdmissionError, FrameError, MeshError
 from meshnode.wire import legion
@@ -33,6 +33,9 @@ from meshnode.wire.codec import (
     encode_envelope,
     encode_frame,
 )
+
+if TYPE_CHECKING:
+    from meshnode.pacing import StreamPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +129,12 @@ class LegionService:
         map_hash: str,
         map_document: Callable[[], dict[str, Any]] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        pacing: StreamPolicy | None = None,
     ) -> None:
         self.room = room
+        self.pacing = pacing
+        """Optional hook (meshnode.pacing) that admits streams and packs their ids into messages;
+        None keeps the plain behaviour: FrameSender with the configured max_ids / max_delay."""
         self.engine = engine
         self.config = config
         self.map_id = map_id
@@ -219,6 +226,8 @@ class LegionService:
 
     def is_available(self) -> bool:
         if self.draining or not self.available:
+            return False
+        if self.pacing is not None and not self.pacing.available():
             return False
         info = self.engine.load_info()
         capacity = int(info.get("max_concurrent", 1)) + int(info.get("max_queue", 0))
@@ -359,6 +368,11 @@ class LegionService:
             return
         if not any(m["role"] == "system" for m in args.messages) and self.config.system_prompt:
             args.messages.insert(0, {"role": "system", "content": self.config.system_prompt})
+        if self.pacing is not None and (refusal := self.pacing.admit(peer_id, frame.call_id)) is not None:
+            logger.info("call %s from %s refused: %s", frame.call_id, peer_id, refusal)
+            await self._reply(peer_id, frame.call_id, "denied", error=refusal)
+            self.notify_load_changed()
+            return
         self._start_generation(peer_id, frame.call_id, args.messages, args.max_tokens, args.temperature,
                                args.top_p, reply_tool=True)
 
@@ -383,8 +397,15 @@ class LegionService:
         peer_id, call_id = call.peer_id, call.call_id
         budget = self.budgets.get(peer_id)
         hello = budget.hellos.pop(call_id, None) if budget else None
-        sender = FrameSender(self._frames, peer_id, stream_id=call_id if hello else None,
-                             compression=hello[1] if hello else "identity")
+        sender: Any
+        if self.pacing is not None:
+            sender = self.pacing.open_stream(self._frames, peer_id, call_id, negotiated=hello is not None,
+                                             compression=hello[1] if hello else "identity")
+            max_ids, max_delay = sender.coalesce
+        else:
+            sender = FrameSender(self._frames, peer_id, stream_id=call_id if hello else None,
+                                 compression=hello[1] if hello else "identity")
+            max_ids, max_delay = self.config.frame_max_ids, self.config.frame_max_delay_seconds
         started = self.clock()
         stream = None
         status, error, finish, ids = "ok", None, None, []
@@ -404,8 +425,7 @@ class LegionService:
             queue: asyncio.Queue[Any] = asyncio.Queue(STREAM_QUEUE_CHUNKS)
             pump = self._spawn(_pump(stream, queue), f"legion.pump[{call_id}]")
             try:
-                async for batch, reason in _coalesce(queue, self.config.frame_max_ids,
-                                                     self.config.frame_max_delay_seconds):
+                async for batch, reason in _coalesce(queue, max_ids, max_delay):
                     if batch and ttft_ms is None:
                         ttft_ms = int((self.clock() - started) * 1000)
                     ids.extend(batch)
@@ -428,6 +448,8 @@ class LegionService:
                 stream.cancel()
             if budget is not None:
                 budget.open_calls = max(0, budget.open_calls - 1)
+            if self.pacing is not None:
+                self.pacing.release(peer_id, call_id)
             self.calls.pop((peer_id, call_id), None)
             self.notify_load_changed()
         elapsed = max(1e-6, self.clock() - started)
@@ -468,9 +490,11 @@ class LegionService:
             accepted = body.get("accept_compression") or ["identity"]
             compression = "zstd" if isinstance(accepted, list) and "zstd" in accepted else "identity"
             budget.hellos[decoded.stream_id] = (now, compression)
-            ready = Envelope(kind=ENVELOPE_READY, stream_id=decoded.stream_id, seq=1, body={
-                "codec_version": 1, "compression": compression, "map_id": self.map_id,
-                "map_hash": self.map_hash, "safety_policy_id": None, "safety_policy_hash": None})
+            ready_body = {"codec_version": 1, "compression": compression, "map_id": self.map_id,
+                          "map_hash": self.map_hash, "safety_policy_id": None, "safety_policy_hash": None}
+            if self.pacing is not None:
+                ready_body.update(self.pacing.on_hello(peer_id, decoded.stream_id, body, compression))
+            ready = Envelope(kind=ENVELOPE_READY, stream_id=decoded.stream_id, seq=1, body=ready_body)
             await self._frames.send(encode_envelope(ready), target=peer_id)
         elif decoded.kind == ENVELOPE_END:
             call = self.calls.get((peer_id, decoded.stream_id))
@@ -513,6 +537,9 @@ class LegionService:
         if self.config.system_prompt:
             messages.insert(0, {"role": "system", "content": self.config.system_prompt})
         call_id = f"ai-{int(time.time() * 1000):x}-{len(self.calls)}"
+        if self.pacing is not None and (refusal := self.pacing.admit(peer_id, call_id)) is not None:
+            await self._say(peer_id, f"[/ai meshnode error] {refusal}")
+            return
         self._start_generation(peer_id, call_id, messages, None, None, None, reply_tool=False)
 
     async def _say(self, peer_id: str, text: str) -> None:

@@ -83,7 +83,7 @@ class MemoryRelay:
         url: str = "memory://default",
         *,
         hub: MemoryHub | None = None,
-        backoff: object = None,  # noqa: ARG002 - registry signature; nothing to reconnect
+        backoff: object = None,
     ) -> None:
         self.url = url
         if hub is None:
@@ -139,7 +139,7 @@ class MemoryRelay:
         self.hub._detach(self)
         self._topics.clear()
 
-    # -- test controls --------------------------------------------------------------------------
+    # -- test controls -----------------------------------------------------------------------------
 
     def disconnect(self) -> None:
         """Simulate a lost relay connection: nothing is sent or received until reconnect()."""

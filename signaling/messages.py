@@ -55,7 +55,7 @@ def _with_passive(fields: dict[str, Any], passive: bool) -> str:
     return dumps_compact(fields)
 
 
-# -- topic strategies: builders (§5.2, keys in emitted order) -----------------------------------
+# -- topic strategies: builders (§5.2, keys in emitted order) --------------------------------------
 
 
 def build_announce(peer_id: str, *, passive: bool = False) -> str:
@@ -96,7 +96,7 @@ def build_answerer_candidate(
     return _with_passive(fields, passive)
 
 
-# -- topic strategies: parser (§5.3) -------------------------------------------------------------
+# -- topic strategies: parser (§5.3) ---------------------------------------------------------------
 
 SignalKind = Literal["announce", "offer", "candidate", "answer"]
 
@@ -159,7 +159,7 @@ def parse_signal(text: str) -> Signal:
     return Signal(kind=kind, peer_id=peer_id, offer_id=offer_id, sealed=sealed, passive=passive)
 
 
-# -- candidate plaintext (§5.2) ------------------------------------------------------------------
+# -- candidate plaintext (§5.2) --------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,7 +207,7 @@ def parse_candidate_json(text: str) -> Candidate:
     )
 
 
-# -- WebTorrent trackers (§6.4) -----------------------------------------------------------------
+# -- WebTorrent trackers (§6.4) --------------------------------------------------------------------
 
 
 def build_tracker_announce(
@@ -321,7 +321,7 @@ def parse_tracker_message(obj: Any) -> TrackerMessage:
                 raise SignalingMessageError(f"tracker {key} without offer_id")
             return cls(info_hash=info_hash, peer_id=peer_id, offer_id=offer_id, sealed=sealed)
     interval = obj.get("interval")
-    ok_interval = isinstance(interval, int | float) and not isinstance(interval, bool)
-    return TrackerAnnounceReply(
-        info_hash=info_hash, interval=float(interval) if ok_interval and interval > 0 else None
-    )
+    seconds: float | None = None
+    if isinstance(interval, int | float) and not isinstance(interval, bool) and interval > 0:
+        seconds = float(interval)
+    return TrackerAnnounceReply(info_hash=info_hash, interval=seconds)

@@ -18,8 +18,8 @@ __all__ = [
     "info_hash",
     "nostr_kind",
     "password_hash",
-    "root_topic",
     "room_token",
+    "root_topic",
     "self_topic",
     "signalling_key",
 ]
@@ -63,7 +63,7 @@ def b36_digest(text: str) -> str:
 
     The result is 20-40 characters and not uniquely decodable; it is only ever compared.
     """
-    return "".join(_to_b36(byte) for byte in hashlib.sha1(text.encode()).digest())  # noqa: S324
+    return "".join(_to_b36(byte) for byte in hashlib.sha1(text.encode()).digest())
 
 
 def root_topic(app_id: str, room_id: str) -> str:

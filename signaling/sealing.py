@@ -1,4 +1,4 @@
-"""The ``iv$base64`` AES-GCM codec Trystero uses for SDPs and candidates on relays (trystero-wire §4).
+"""The ``iv$base64`` AES-GCM codec for SDPs and candidates on relays (trystero-wire §4).
 
 Pure: no I/O. Format: the 16 IV bytes as decimals joined by ``,``, then ``$``, then standard
 base64 (with padding) of ciphertext + 16-byte tag; no associated data.
@@ -29,7 +29,7 @@ class Sealer:
     """Seals and unseals text with one signalling key (SHA-256 of ``PW:APP:ROOM``)."""
 
     def __init__(self, key: bytes) -> None:
-        if len(key) != 32:  # noqa: PLR2004 - AES-256
+        if len(key) != 32:
             raise ValueError("signalling key must be 32 bytes")
         self._aead = AESGCM(key)
 
@@ -61,7 +61,7 @@ class Sealer:
         try:
             return self._aead.decrypt(iv, data, None).decode()
         except InvalidTag as exc:
-            raise SealError("authentication failed (wrong key / room password?)") from exc
+            raise SealError("authentication failed (wrong key)") from exc
         except UnicodeDecodeError as exc:
             raise SealError("plaintext is not UTF-8") from exc
         except ValueError as exc:  # e.g. IV length the library refuses

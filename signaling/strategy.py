@@ -29,11 +29,12 @@ from typing import Any, Protocol
 from signaling import messages, names
 from signaling.base import SignalingError, TopicRelay
 from signaling.messages import Candidate, Signal
-from signaling.sealing import SealError, Sealer
+from signaling.sealing import Sealer, SealError
 
 __all__ = [
     "Clock",
     "LoopClock",
+    "NegotiationError",
     "PeerFactory",
     "StrategyTimers",
     "TaskOwner",
@@ -50,7 +51,11 @@ MAX_NEGOTIATING_PEERS = 256
 MAX_BUFFERED_CANDIDATES = 64
 """Early candidates kept per peer (over all its offer ids)."""
 MAX_APPLIED_CANDIDATES = 256
+MAX_WARNED = 1024
+"""Distinct (peer, what) pairs remembered for once-only warnings."""
 UNSUBSCRIBE_TIMEOUT_SECONDS = 2.0
+RELAY_CONNECT_WAIT_SECONDS = 60.0
+"""Slice of the (unbounded, cancellable) wait for a relay's first connection before announcing."""
 TASK_STOP_TIMEOUT_SECONDS = 5.0
 
 
@@ -78,7 +83,15 @@ class StrategyTimers:
     tracker_dedupe_seconds: float = 4.0
 
 
-# -- collaborators --------------------------------------------------------------------------------
+# -- collaborators ---------------------------------------------------------------------------------
+
+
+class NegotiationError(SignalingError):
+    """Raised by a :class:`PeerFactory` when a remote description cannot be used (bad SDP).
+
+    The engine logs it as a warning and drops that negotiation; anything else a factory raises
+    is treated as a bug and logged with its traceback.
+    """
 
 
 class TimerHandle(Protocol):
@@ -183,7 +196,7 @@ class TaskOwner:
                 logger.warning("task %s did not stop within %.1f s", task.get_name(), timeout)
 
 
-# -- per-peer negotiation state -------------------------------------------------------------------
+# -- per-peer negotiation state --------------------------------------------------------------------
 
 
 @dataclass(eq=False)
@@ -214,6 +227,7 @@ class _Negotiation:
         default_factory=OrderedDict
     )
     applied: dict[int, set[str]] = field(default_factory=dict)  # id(handle) -> candidate lines
+    early_timer: TimerHandle | None = None
 
     @property
     def idle(self) -> bool:
@@ -261,7 +275,7 @@ class _EngineBase:
         self.dropped = 0
         """Signals dropped (malformed, undecryptable, queue full) — for tests and metrics."""
 
-    # -- public --------------------------------------------------------------------------------
+    # -- public ------------------------------------------------------------------------------------
 
     @property
     def closed(self) -> bool:
@@ -287,7 +301,7 @@ class _EngineBase:
         if neg.idle and peer_id not in self._workers:
             del self._negotiations[peer_id]
 
-    # -- per-peer workers ----------------------------------------------------------------------
+    # -- per-peer workers --------------------------------------------------------------------------
 
     def _enqueue(self, peer_id: str, event: Event, *, internal: bool = False) -> None:
         if self._closed:
@@ -318,6 +332,8 @@ class _EngineBase:
                     neg = self._negotiations[peer_id] = _Negotiation(peer_id)
                 try:
                     await event(neg)
+                except NegotiationError as exc:  # a remote SDP we cannot use
+                    logger.warning("negotiation with %s failed: %s", peer_id, exc)
                 except SignalingError as exc:  # remote garbage: drop this event, keep the peer
                     self._drop("from %s: %s", peer_id, exc)
                 except Exception:  # a factory failure must not kill the engine (logged)
@@ -329,7 +345,7 @@ class _EngineBase:
             if not queue:
                 self._queues.pop(peer_id, None)
 
-    # -- helpers ------------------------------------------------------------------------------
+    # -- helpers -----------------------------------------------------------------------------------
 
     def _drop(self, reason: str, *args: object) -> None:
         self.dropped += 1
@@ -363,6 +379,8 @@ class _EngineBase:
                 logger.debug("undecryptable candidate from %s: %s", peer_id, exc)
                 return None
             if (peer_id, what) not in self._warned:
+                if len(self._warned) >= MAX_WARNED:
+                    self._warned.clear()
                 self._warned.add((peer_id, what))
                 logger.warning(
                     "cannot decrypt the %s from peer %s in room %r: wrong room password? (%s)",
@@ -410,10 +428,20 @@ class _EngineBase:
             applied.add(candidate.candidate)
         await self._factory.add_candidate(handle, candidate)
 
-    def _buffer_candidate(self, neg: _Negotiation, offer_id: str | None, candidate: Candidate) -> None:
+    def _buffer_candidate(
+        self, neg: _Negotiation, offer_id: str | None, candidate: Candidate
+    ) -> None:
         neg.early_candidates[(offer_id, candidate.candidate)] = candidate
         while len(neg.early_candidates) > MAX_BUFFERED_CANDIDATES:
             neg.early_candidates.popitem(last=False)
+        if neg.early_timer is None:  # candidates whose offer never comes are forgotten
+            neg.early_timer = self._timer(
+                self.timers.answer_ttl_seconds, neg.peer_id, self._forget_early_candidates
+            )
+
+    async def _forget_early_candidates(self, neg: _Negotiation) -> None:
+        neg.early_timer = None
+        neg.early_candidates.clear()
 
     async def _flush_candidates(self, neg: _Negotiation, offer_id: str | None, handle: Any) -> None:
         """Apply early candidates for `offer_id` (and the legacy no-offerId bucket)."""
@@ -442,7 +470,7 @@ class _EngineBase:
                 self._drop_offer(neg)
                 return
             logger.warning(
-                "could not connect to peer %s within %.1f s after its answer (configure TURN?)",
+                "could not connect to peer %s within %g s after its answer (configure TURN?)",
                 neg.peer_id,
                 self.timers.connect_timeout_seconds,
             )
@@ -534,6 +562,10 @@ class TopicStrategy(_EngineBase):
             self._tasks.spawn(self._join_relay(relay), f"join[{relay.url}]")
 
     async def _join_relay(self, relay: TopicRelay) -> None:
+        # The warm-up announcements only help once the relay is up: announcing into a socket that
+        # is still connecting drops them and delays discovery to the next warm-up point.
+        while not await relay.wait_connected(RELAY_CONNECT_WAIT_SECONDS):
+            logger.info("relay %s is not reachable yet; still waiting", relay.url)
         # §5.1: self topic first, then root, then announce.
         await relay.subscribe(self.self_topic)
         await relay.subscribe(self.root_topic)
@@ -578,7 +610,7 @@ class TopicStrategy(_EngineBase):
                     logger.debug("unsubscribe on %s failed: %s", relay.url, exc)
                 await relay.close()
 
-    # -- inbound ----------------------------------------------------------------------------------
+    # -- inbound -----------------------------------------------------------------------------------
 
     def _on_relay_message(self, relay: TopicRelay, topic: str, text: str) -> None:
         """Relay handler: validate (§5.3), drop echoes, hand the signal to the peer's worker."""
@@ -642,7 +674,9 @@ class TopicStrategy(_EngineBase):
             return  # re-send only after the window (§5.5)
         offer.offering_relays.add(relay)
         window = self.timers.offer_resend_fraction * self.timers.announce_interval_seconds
-        offer.timers.append(self._clock.call_later(window, partial(offer.offering_relays.discard, relay)))
+        offer.timers.append(
+            self._clock.call_later(window, partial(offer.offering_relays.discard, relay))
+        )
         await self._publish_to(
             relay, peer_id, messages.build_offer(self.self_id, offer.offer_id, offer.sealed)
         )
@@ -714,8 +748,12 @@ class TopicStrategy(_EngineBase):
         offer.offering_relays.clear()
         try:
             await self._factory.accept_answer(offer.handle, neg.peer_id, sdp)
-        except Exception:  # a bad answer ends this attempt; the next announce starts over
-            logger.warning("cannot apply the answer from %s", neg.peer_id, exc_info=True)
+        except NegotiationError as exc:  # a bad answer ends this attempt; the next one starts over
+            logger.warning("cannot apply the answer from %s: %s", neg.peer_id, exc)
+            self._drop_offer(neg, discard=True)
+            return
+        except Exception:  # a factory bug: log it with its traceback, end this attempt
+            logger.exception("applying the answer from %s failed", neg.peer_id)
             self._drop_offer(neg, discard=True)
             return
         offer.timers.append(

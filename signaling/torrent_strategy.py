@@ -18,10 +18,17 @@ from typing import Any
 
 from signaling import messages, names
 from signaling.base import TrackerRelay
-from signaling.messages import TrackerAnnounceReply, TrackerAnswer, TrackerNotice, TrackerOffer
+from signaling.messages import (
+    TrackerAnnounceReply,
+    TrackerAnswer,
+    TrackerNotice,
+    TrackerOffer,
+)
 from signaling.strategy import (
+    RELAY_CONNECT_WAIT_SECONDS,
     Clock,
     JoinErrorHandler,
+    NegotiationError,
     PeerFactory,
     StrategyTimers,
     TimerHandle,
@@ -102,6 +109,7 @@ class TrackerStrategy(_EngineBase):
         self._pools: dict[TrackerRelay, dict[str, _PooledOffer]] = {r: {} for r in self.relays}
         self._intervals: dict[TrackerRelay, float] = {}
         self._announcing: set[TrackerRelay] = set()
+        self._nudged: set[str] = set()
         self._seen: dict[tuple[str, str, str], float] = {}
         self._notices: set[str] = set()
         self._started = False
@@ -114,10 +122,16 @@ class TrackerStrategy(_EngineBase):
         for relay in self.relays:
             relay.set_handler(partial(self._on_tracker_message, relay))
             await relay.start()
-            self._schedule_announce(relay, 0)
+            self._tasks.spawn(self._join_tracker(relay), f"join[{relay.url}]")
+
+    async def _join_tracker(self, relay: TrackerRelay) -> None:
+        # Start the warm-up schedule once the socket is up (announces need a connection).
+        while not await relay.wait_connected(RELAY_CONNECT_WAIT_SECONDS):
+            logger.info("tracker %s is not reachable yet; still waiting", relay.url)
+        self._schedule_announce(relay, 0)
 
     async def close(self) -> None:
-        """Stop announcing, discard pooled offers and unfinished negotiations, close the trackers."""
+        """Stop announcing, discard pooled offers and negotiations, close the trackers."""
         async with self._close_lock:
             if self._closed:
                 return
@@ -131,7 +145,7 @@ class TrackerStrategy(_EngineBase):
             for relay in self.relays:
                 await relay.close()
 
-    # -- announcing -----------------------------------------------------------------------------
+    # -- announcing --------------------------------------------------------------------------------
 
     def _schedule_announce(self, relay: TrackerRelay, index: int) -> None:
         schedule = self.timers.announce_schedule_seconds
@@ -144,13 +158,16 @@ class TrackerStrategy(_EngineBase):
             self._timers.discard(handle)
             if self._closed:
                 return
-            if relay not in self._announcing:
-                self._announcing.add(relay)
-                self._tasks.spawn(self._announce(relay), "announce")
+            self._announce_now(relay)
             self._schedule_announce(relay, index + 1)
 
         handle = self._clock.call_later(delay, fire)
         self._timers.add(handle)
+
+    def _announce_now(self, relay: TrackerRelay) -> None:
+        if relay not in self._announcing:
+            self._announcing.add(relay)
+            self._tasks.spawn(self._announce(relay), "announce")
 
     async def _announce(self, relay: TrackerRelay) -> None:
         try:
@@ -186,7 +203,7 @@ class TrackerStrategy(_EngineBase):
             del pool[pooled.offer_id]
             self._discard_later(pooled.handle)
 
-    # -- inbound ----------------------------------------------------------------------------------
+    # -- inbound -----------------------------------------------------------------------------------
 
     def _on_tracker_message(self, relay: TrackerRelay, obj: dict[str, Any]) -> None:
         if self._closed:
@@ -250,7 +267,15 @@ class TrackerStrategy(_EngineBase):
         if self._factory.is_live(peer_id) or neg.answering is not None or neg.offer is not None:
             return
         if self.self_id < peer_id and self._pools[relay]:
-            return  # glare: our outstanding offers win when our id is smaller (§6.4)
+            # Glare: our outstanding offers win when our id is smaller (§6.4). A newcomer whose
+            # offers reach us may have missed ours: re-announce now (once per newcomer) so the
+            # tracker forwards them, instead of waiting for the next scheduled announce.
+            if peer_id not in self._nudged:
+                if len(self._nudged) >= DEDUPE_CAPACITY:
+                    self._nudged.clear()
+                self._nudged.add(peer_id)
+                self._announce_now(relay)
+            return
         sdp = self._unseal(peer_id, offer.sealed, "offer")
         if sdp is None:
             return
@@ -273,7 +298,9 @@ class TrackerStrategy(_EngineBase):
             )
         )
 
-    async def _on_answer(self, neg: _Negotiation, answer: TrackerAnswer, pooled: _PooledOffer) -> None:
+    async def _on_answer(
+        self, neg: _Negotiation, answer: TrackerAnswer, pooled: _PooledOffer
+    ) -> None:
         peer_id = neg.peer_id
         if self._factory.is_live(peer_id) or neg.answering is not None or neg.offer is not None:
             await self._factory.discard(pooled.handle)  # already connected / connecting
@@ -288,8 +315,12 @@ class TrackerStrategy(_EngineBase):
         neg.offer = offer
         try:
             await self._factory.accept_answer(offer.handle, peer_id, sdp)
-        except Exception:  # a bad answer ends this attempt (logged); the pool refills
-            logger.warning("cannot apply the answer from %s", peer_id, exc_info=True)
+        except NegotiationError as exc:  # a bad answer ends this attempt; the next one starts over
+            logger.warning("cannot apply the answer from %s: %s", peer_id, exc)
+            self._drop_offer(neg, discard=True)
+            return
+        except Exception:  # a factory bug: log it with its traceback, end this attempt
+            logger.exception("applying the answer from %s failed", peer_id)
             self._drop_offer(neg, discard=True)
             return
         offer.timers.append(

@@ -25,6 +25,7 @@ from aiortc import (
     RTCConfiguration,
     RTCDataChannel,
     RTCIceServer,
+    RTCIceTransportPolicy,
     RTCPeerConnection,
     RTCSessionDescription,
 )
@@ -87,7 +88,7 @@ class PeerTimeout(PeerError):
     """A wait on the peer (drain) timed out."""
 
 
-# -- process-wide aioice host-address override (test-harness §9) ----------------------------------
+# -- process-wide aioice host-address override (test-harness §9) -----------------------------------
 
 _original_get_host_addresses = aioice.ice.get_host_addresses
 _installed_override: tuple[str, tuple[str, ...]] = ("auto", ())
@@ -103,7 +104,7 @@ def install_host_address_override(mode: HostAddressMode, addresses: Sequence[str
             ``append`` — aioice's addresses plus `addresses`; ``only`` — exactly `addresses`.
         addresses: IPv4 / IPv6 literals to add or use.
     """
-    global _installed_override  # noqa: PLW0603 - aioice keeps no per-connection setting
+    global _installed_override
     if mode not in ("auto", "append", "only"):
         raise ValueError(f"unknown host_addresses_mode {mode!r}")
     wanted = tuple(addresses)
@@ -115,7 +116,7 @@ def install_host_address_override(mode: HostAddressMode, addresses: Sequence[str
         logger.info("aioice host addresses: default")
         return
 
-    def get_host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:  # noqa: FBT001
+    def get_host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
         base = [] if mode == "only" else _original_get_host_addresses(use_ipv4, use_ipv6)
         extra = [a for a in wanted if (use_ipv6 if ":" in a else use_ipv4) and a not in base]
         return base + extra
@@ -175,6 +176,7 @@ class PeerLink:
         high_water_bytes: ``send`` waits while ``bufferedAmount`` is above this.
         drain_timeout_seconds: longest wait for the buffer to drain before :class:`PeerTimeout`.
         disconnected_grace_seconds: ``disconnected`` for this long closes the link.
+        ice_transport_policy: ``all`` (default) or ``relay`` (TURN candidates only).
     """
 
     def __init__(
@@ -189,6 +191,7 @@ class PeerLink:
         high_water_bytes: int = BUFFERED_AMOUNT_LOW_BYTES,
         drain_timeout_seconds: float = DRAIN_TIMEOUT_SECONDS,
         disconnected_grace_seconds: float = DISCONNECTED_GRACE_SECONDS,
+        ice_transport_policy: Literal["all", "relay"] = "all",
     ) -> None:
         self.peer_id = peer_id
         self._on_message = on_message
@@ -198,7 +201,11 @@ class PeerLink:
         self._high_water = max(high_water_bytes, buffered_amount_low_bytes)
         self._drain_timeout = drain_timeout_seconds
         self._disconnected_grace = disconnected_grace_seconds
-        self._pc = RTCPeerConnection(RTCConfiguration(iceServers=build_ice_servers(ice_servers)))
+        self._pc = RTCPeerConnection(RTCConfiguration(
+            iceServers=build_ice_servers(ice_servers),
+            # "relay": only TURN candidates (used by `meshnode bench` to force traffic through coturn).
+            iceTransportPolicy=RTCIceTransportPolicy(ice_transport_policy),
+        ))
         self._channel: RTCDataChannel | None = None
         self._remote_ufrag: str | None = None
         self._has_remote = False
@@ -219,7 +226,7 @@ class PeerLink:
     def __repr__(self) -> str:
         return f"PeerLink({self.peer_id or '?'}, {self.role}, open={self.is_open})"
 
-    # -- state ------------------------------------------------------------------------------------
+    # -- state -------------------------------------------------------------------------------------
 
     @property
     def is_open(self) -> bool:
@@ -237,7 +244,7 @@ class PeerLink:
     def _log(self, level: int, message: str, *args: object, exc_info: bool = False) -> None:
         logger.log(level, "PeerLink(%s) " + message, self.peer_id or "?", *args, exc_info=exc_info)
 
-    # -- negotiation ------------------------------------------------------------------------------
+    # -- negotiation -------------------------------------------------------------------------------
 
     async def create_offer(self) -> str:
         """Create the ``"data"`` channel and a complete offer; returns the offer SDP.
@@ -265,7 +272,9 @@ class PeerLink:
             await self._pc.setLocalDescription(await self._pc.createAnswer())
         except (InvalidStateError, ValueError, AssertionError, IndexError, KeyError) as exc:
             # aiortc's SDP parser asserts / indexes on malformed input.
-            raise NegotiationFailed(f"cannot answer the offer: {exc}", peer_id=self.peer_id) from exc
+            raise NegotiationFailed(
+                f"cannot answer the offer: {exc}", peer_id=self.peer_id
+            ) from exc
         return self._local_sdp()
 
     async def accept_answer(self, sdp: str) -> None:
@@ -277,7 +286,9 @@ class PeerLink:
         try:
             await self._set_remote(sdp, "answer")
         except (InvalidStateError, ValueError, AssertionError, IndexError, KeyError) as exc:
-            raise NegotiationFailed(f"cannot apply the answer: {exc}", peer_id=self.peer_id) from exc
+            raise NegotiationFailed(
+                f"cannot apply the answer: {exc}", peer_id=self.peer_id
+            ) from exc
 
     async def _set_remote(self, sdp: str, kind: str) -> None:
         await self._pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=kind))
@@ -340,7 +351,7 @@ class PeerLink:
         except (InvalidStateError, ValueError, ConnectionError) as exc:
             self._log(logging.DEBUG, "remote candidate refused: %s", exc)
 
-    # -- data channel -----------------------------------------------------------------------------
+    # -- data channel ------------------------------------------------------------------------------
 
     def _on_datachannel(self, channel: RTCDataChannel) -> None:
         if channel.label != DATA_CHANNEL_LABEL or self._channel is not None:
@@ -364,14 +375,22 @@ class PeerLink:
         self.opened.set()
         self._log(logging.DEBUG, "data channel open")
         if self._on_open is not None:
-            self._on_open()
+            self._callback(self._on_open)
 
     def _channel_message(self, data: bytes | str) -> None:
         if isinstance(data, str):  # Trystero sends binary only; text decodes to nothing (P2)
             self._log(logging.DEBUG, "dropping a text message")
             return
         if self._on_message is not None:
-            self._on_message(data)
+            self._callback(self._on_message, data)
+
+    def _callback(self, callback: Callable[..., None], *args: object) -> None:
+        # These run inside aiortc's event path; an exception there would break the SCTP receive
+        # loop for the whole connection, so a failing callback is logged instead.
+        try:
+            callback(*args)
+        except Exception:
+            self._log(logging.ERROR, "callback failed", exc_info=True)
 
     async def send(self, data: bytes) -> None:
         """Send one binary message, first waiting while the channel's buffer is above high water.
@@ -406,7 +425,8 @@ class PeerLink:
                     await self._writable.wait()
         except TimeoutError as exc:
             raise PeerTimeout(
-                f"send buffer did not drain within {self._drain_timeout:.1f} s", peer_id=self.peer_id
+                f"send buffer did not drain within {self._drain_timeout:.1f} s",
+                peer_id=self.peer_id,
             ) from exc
 
     async def flush(self, timeout: float) -> None:
@@ -429,7 +449,7 @@ class PeerLink:
                 channel.bufferedAmountLowThreshold = previous
         self._writable.set()
 
-    # -- close detection and closing --------------------------------------------------------------
+    # -- close detection and closing ---------------------------------------------------------------
 
     def _on_state_change(self) -> None:
         states = (self._pc.connectionState, self._pc.iceConnectionState)
@@ -477,7 +497,7 @@ class PeerLink:
                 self.closed.set_result(None)
             if self._on_close is not None:
                 callback, self._on_close = self._on_close, None
-                callback()
+                self._callback(callback)
 
     async def __aenter__(self) -> PeerLink:
         return self

@@ -91,7 +91,7 @@ NO_METADATA: Final = _NoMetadata()
 """Marks "no metadata" where ``None`` (JSON ``null``) is a legitimate metadata value."""
 
 
-# -- outer frames (§8.1) --------------------------------------------------------------------------
+# -- outer frames (§8.1) ---------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +123,7 @@ def encode_room_frame(token: str, chunk: bytes) -> bytes:
     return b"\x01" + len(raw).to_bytes(2, "big") + raw + chunk
 
 
-def encode_presence_frame(token: str, present: bool) -> bytes:  # noqa: FBT001 - wire flag
+def encode_presence_frame(token: str, present: bool) -> bytes:
     """Presence frame: ``present=True`` after joining, ``False`` when leaving the room."""
     raw = _token_bytes(token)
     return b"\x02" + (b"\x01" if present else b"\x00") + len(raw).to_bytes(2, "big") + raw
@@ -158,7 +158,7 @@ def decode_frame(data: bytes) -> RoomFrame | PresenceFrame:
     return PresenceFrame(token=token, present=data[1] == 1)
 
 
-# -- payloads (§8.3) ------------------------------------------------------------------------------
+# -- payloads (§8.3) -------------------------------------------------------------------------------
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _ARRAY_INDEX_MAX = 2**32 - 2
@@ -177,11 +177,11 @@ def _js_number(value: float) -> str:
     digits = "".join(map(str, digit_tuple))
     k = len(digits)
     n = int(exponent) + k  # value = 0.d1..dk * 10**n
-    if k <= n <= 21:  # noqa: PLR2004 - ECMA-262 Number::toString thresholds
+    if k <= n <= 21:
         text = digits + "0" * (n - k)
-    elif 0 < n <= 21:  # noqa: PLR2004
+    elif 0 < n <= 21:
         text = digits[:n] + "." + digits[n:]
-    elif -6 < n <= 0:  # noqa: PLR2004
+    elif -6 < n <= 0:
         text = "0." + "0" * (-n) + digits
     else:
         e = n - 1
@@ -232,7 +232,9 @@ def _js_json(value: Any, out: list[str]) -> None:
     elif isinstance(value, dict):
         items = [(_js_key(k), v) for k, v in value.items()]
         # JS objects list integer-like keys first, ascending, then the rest in insertion order.
-        indices = sorted((item for item in items if _is_array_index(item[0])), key=lambda i: int(i[0]))
+        indices = sorted(
+            (item for item in items if _is_array_index(item[0])), key=lambda i: int(i[0])
+        )
         ordered = indices + [item for item in items if not _is_array_index(item[0])]
         out.append("{")
         for position, (key, item) in enumerate(ordered):
@@ -309,7 +311,7 @@ def decode_payload(data: bytes, tags: int) -> Any:
     return _utf8_text(data)
 
 
-# -- action chunks (§8.2, §8.4) -------------------------------------------------------------------
+# -- action chunks (§8.2, §8.4) --------------------------------------------------------------------
 
 
 def encode_name(name: str) -> bytes:
@@ -406,7 +408,7 @@ def decode_chunk(chunk: bytes) -> ActionChunk:
     )
 
 
-# -- reassembly (§8.4) ----------------------------------------------------------------------------
+# -- reassembly (§8.4) -----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -536,13 +538,22 @@ class Reassembler:
         """Buffer one chunk; False when the message was dropped instead."""
         size = len(chunk.payload)
         if partial.size + size > self.max_message_bytes:
-            self._drop_message(peer_id, key, chunk.last, "action %r exceeds %d bytes", key[0], self.max_message_bytes)
+            self._drop_message(
+                peer_id,
+                key,
+                chunk.last,
+                "action %r exceeds %d bytes",
+                key[0],
+                self.max_message_bytes,
+            )
             return False
         if chunk.is_metadata:
             try:
                 partial.metadata = json.loads(_utf8_text(chunk.payload))
             except (ValueError, RecursionError):
-                self._drop_message(peer_id, key, chunk.last, "action %r: metadata is not JSON", key[0])
+                self._drop_message(
+                    peer_id, key, chunk.last, "action %r: metadata is not JSON", key[0]
+                )
                 return False
         else:
             partial.parts.append(chunk.payload)
@@ -558,11 +569,15 @@ class Reassembler:
         ):
             victim = next((k for k in pending if k != keep), keep)
             last = keep_is_last and victim == keep
-            self._drop_message(peer_id, victim, last, "evicted action %r (per-peer limits)", victim[0])
+            self._drop_message(
+                peer_id, victim, last, "evicted action %r (per-peer limits)", victim[0]
+            )
             if victim == keep:
                 break
 
-    def _drop_message(self, peer_id: str, key: _Key, last: bool, reason: str, *args: object) -> None:  # noqa: FBT001
+    def _drop_message(
+        self, peer_id: str, key: _Key, last: bool, reason: str, *args: object
+    ) -> None:
         partial = self._pending[peer_id].pop(key, None)
         if partial is not None:
             self._peer_bytes[peer_id] = self._peer_bytes.get(peer_id, 0) - partial.size

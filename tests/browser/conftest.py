@@ -60,7 +60,7 @@ WEBRTC_FLAGS = [
 ]
 CHROMIUM_FLAGS = BASE_FLAGS + WEBRTC_FLAGS
 
-DEFAULT_WAIT_S = 20.0
+DEFAULT_WAIT_SECONDS = 20.0
 
 
 def _unavailable(reason: str) -> None:
@@ -108,6 +108,18 @@ def loopback_only() -> bool:
     import socket
 
     return [name for _, name in socket.if_nameindex()] == ["lo"]
+
+
+def assert_loopback_pair(pair: dict[str, Any] | None) -> None:
+    """The selected ICE pair of ``Tab.stats()`` runs 127.0.0.1 ↔ 127.0.0.1.
+
+    Chromium's stats hide the address of a peer-reflexive remote candidate (``address == ""``),
+    which happens when a connectivity check arrives before the trickled candidate; accept that.
+    """
+    assert pair is not None and pair["local"] and pair["remote"], pair
+    assert pair["local"]["address"] == "127.0.0.1", pair
+    remote = pair["remote"]
+    assert remote["address"] == "127.0.0.1" or (remote["address"] == "" and remote["type"] == "prflx"), pair
 
 
 def sha256_hex(data: bytes) -> str:
@@ -278,7 +290,8 @@ class Tab:
         debug: bool = False,
         actions: tuple[str, ...] = ("json", "bin", "text"),
     ) -> str:
-        assert relay_urls and all(u.startswith(("ws://127.0.0.1:", "wss://127.0.0.1:")) for u in relay_urls), relay_urls
+        local = ("ws://127.0.0.1:", "wss://127.0.0.1:")
+        assert relay_urls and all(u.startswith(local) for u in relay_urls), relay_urls
         result = await self.page.evaluate(
             "args => T.join(args)",
             {
@@ -299,7 +312,7 @@ class Tab:
 
     # -- waiting (always bounded, always on a page-side condition)
 
-    async def wait(self, expression: str, arg: Any = None, timeout: float = DEFAULT_WAIT_S) -> Any:
+    async def wait(self, expression: str, arg: Any = None, timeout: float = DEFAULT_WAIT_SECONDS) -> Any:
         """Wait until ``expression`` (a JS function of ``arg``) is truthy; return its value."""
         handle = await self.page.wait_for_function(expression, arg=arg, timeout=timeout * 1000, polling=50)
         try:
@@ -307,19 +320,22 @@ class Tab:
         finally:
             await handle.dispose()
 
-    async def wait_peer(self, peer_id: str | None = None, timeout: float = DEFAULT_WAIT_S) -> str:
+    async def wait_peer(self, peer_id: str | None = None, timeout: float = DEFAULT_WAIT_SECONDS) -> str:
         """Wait for a join event (of ``peer_id`` if given); returns the peer id."""
         return await self.wait(
-            "id => { const e = T.events.find(e => e.type === 'join' && (!id || e.peerId === id)); return e && e.peerId }",
+            """id => {
+                 const e = T.events.find(e => e.type === 'join' && (!id || e.peerId === id))
+                 return e && e.peerId
+               }""",
             peer_id,
             timeout,
         )
 
-    async def wait_leave(self, peer_id: str, timeout: float = DEFAULT_WAIT_S) -> None:
+    async def wait_leave(self, peer_id: str, timeout: float = DEFAULT_WAIT_SECONDS) -> None:
         await self.wait("id => T.events.some(e => e.type === 'leave' && e.peerId === id)", peer_id, timeout)
 
     async def wait_messages(
-        self, action: str, count: int = 1, peer_id: str | None = None, timeout: float = DEFAULT_WAIT_S
+        self, action: str, count: int = 1, peer_id: str | None = None, timeout: float = DEFAULT_WAIT_SECONDS
     ) -> list[dict[str, Any]]:
         """Wait until ``count`` complete messages arrived on ``action``; return them in order."""
         return await self.wait(
@@ -333,7 +349,10 @@ class Tab:
 
     # -- actions
 
-    async def send(self, action: str, data: dict[str, Any], target: str | None = None, timeout: float = 60) -> Any:
+    async def send(
+        self, action: str, data: dict[str, Any], target: str | None = None, timeout: float = 60.0
+    ) -> Any:
+        """``T.send``: `data` is a payload descriptor (www/harness.js ``toPayload``)."""
         return await asyncio.wait_for(
             self.page.evaluate("([a, d, t]) => T.send(a, d, t)", [action, data, target]), timeout
         )
@@ -402,7 +421,7 @@ async def new_tab(
         context = await browser.new_context()
         contexts.append(context)
         page = await context.new_page()
-        page.set_default_timeout(DEFAULT_WAIT_S * 1000)
+        page.set_default_timeout(DEFAULT_WAIT_SECONDS * 1000)
         tab = Tab(page, name)
         tabs.append(tab)
         await page.goto(f"{page_server}/trystero.html")
@@ -428,8 +447,8 @@ async def tab(new_tab: TabFactory) -> Tab:
 
 # ---------------------------------------------------------------------------------------- Python peer
 
-PY_JOIN_TIMEOUT_S = 20.0
-PY_LEAVE_TIMEOUT_S = 10.0
+PY_JOIN_TIMEOUT_SECONDS = 20.0
+PY_LEAVE_TIMEOUT_SECONDS = 10.0
 
 PyRoomFactory = Callable[..., Awaitable[Any]]
 
@@ -447,8 +466,9 @@ async def py_room(request: pytest.FixtureRequest) -> AsyncIterator[PyRoomFactory
     rooms: list[Any] = []
 
     async def join(**settings: Any) -> Any:
-        settings = {"ice_servers": [], "host_addresses_mode": "only", "host_addresses": ["127.0.0.1"], **settings}
-        room = await asyncio.wait_for(Room.join(RoomConfig(**settings)), PY_JOIN_TIMEOUT_S)
+        loopback = {"ice_servers": [], "host_addresses_mode": "only", "host_addresses": ["127.0.0.1"]}
+        settings = {**loopback, **settings}
+        room = await asyncio.wait_for(Room.join(RoomConfig(**settings)), PY_JOIN_TIMEOUT_SECONDS)
         rooms.append(room)
         return room
 
@@ -463,6 +483,6 @@ async def py_room(request: pytest.FixtureRequest) -> AsyncIterator[PyRoomFactory
                 )
         for room in rooms:
             try:
-                await asyncio.wait_for(room.leave(), PY_LEAVE_TIMEOUT_S)
+                await asyncio.wait_for(room.leave(), PY_LEAVE_TIMEOUT_SECONDS)
             except TimeoutError:
-                print(f"python room {room.self_id} did not leave within {PY_LEAVE_TIMEOUT_S} s")
+                print(f"python room {room.self_id} did not leave within {PY_LEAVE_TIMEOUT_SECONDS} s")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import math
 import random
@@ -24,21 +25,40 @@ from typing import Any
 
 import pytest
 
-from .conftest import PyRoomFactory, Tab, TabFactory, loopback_only, pattern_bytes, sha256_hex, unique_name
+from tests.browser.conftest import (
+    PyRoomFactory,
+    Tab,
+    assert_loopback_pair,
+    loopback_only,
+    pattern_bytes,
+    sha256_hex,
+    unique_name,
+)
 
 pytestmark = pytest.mark.browser
 
-JOIN_TIMEOUT_S = 30.0
+JOIN_TIMEOUT_SECONDS = 30.0
 """Until both sides see the other (torrent offers wait for ICE gathering, ≤ 15 s worst case)."""
-MESSAGE_TIMEOUT_S = 30.0
-NO_JOIN_WINDOW_S = 2.0
+MESSAGE_TIMEOUT_SECONDS = 30.0
+NO_JOIN_WINDOW_SECONDS = 2.0
 """After a wrong-password failure was observed: how long neither side may report a join."""
 
-ONE_MB = 1_000_000
-CHUNK_PAYLOAD = 16_348
+ONE_MB_BYTES = 1_000_000
+CHUNK_PAYLOAD_BYTES = 16_348
 
-JSON_TO_PY: dict[str, Any] = {"hello": "python", "list": [1, 2.5, None, True, "ü✓"], "nested": {"a": {"b": []}}}
-JSON_TO_TAB: dict[str, Any] = {"hello": "tab", "int": 1, "float_int": 1.0, "small": 1e-7, "big": 1e21, "s": "ü✓"}
+JSON_TO_PY: dict[str, Any] = {
+    "hello": "python",
+    "list": [1, 2.5, None, True, "ü✓"],
+    "nested": {"a": {"b": []}},
+}
+JSON_TO_TAB: dict[str, Any] = {
+    "hello": "tab",
+    "int": 1,
+    "float_int": 1.0,
+    "small": 1e-7,
+    "big": 1e21,
+    "s": "ü✓",
+}
 JSON_TO_TAB_JS = '{"hello":"tab","int":1,"float_int":1,"small":1e-7,"big":1e+21,"s":"ü✓"}'
 """``JSON.stringify(JSON_TO_TAB)`` in a browser: the bytes Python must put on the wire (P11)."""
 TEXT_TO_PY = "plain text from the tab ✓ — not JSON: {"
@@ -62,11 +82,11 @@ def js_progress(i: int, n: int) -> int:
     return math.floor((i + 1) / n * 255 + 0.5)
 
 
-async def next_event(room: Any, timeout: float = JOIN_TIMEOUT_S) -> Any:
+async def next_event(room: Any, timeout: float = JOIN_TIMEOUT_SECONDS) -> Any:
     return await asyncio.wait_for(room.next_event(), timeout)
 
 
-async def receive(room: Any, action: str, timeout: float = MESSAGE_TIMEOUT_S) -> Any:
+async def receive(room: Any, action: str, timeout: float = MESSAGE_TIMEOUT_SECONDS) -> Any:
     return await asyncio.wait_for(room.make_action(action).receive(), timeout)
 
 
@@ -78,16 +98,33 @@ async def join_both(
     app_id: str,
     room_id: str,
     password: str,
+    *,
+    python_first: bool = False,
     **py_settings: Any,
 ) -> tuple[str, Any]:
-    """The tab joins, then Python; returns (tab id, python room) once both saw the other join."""
-    tab_id = await tab.join(strategy, relay_urls, app_id, room_id, password, debug=True)
-    room = await py_room(
-        strategy=strategy, relay_urls=relay_urls, app_id=app_id, room_id=room_id, password=password, **py_settings
-    )
-    for action in ("json", "bin", "text"):
-        room.make_action(action)
-    assert await tab.wait_peer(room.self_id, timeout=JOIN_TIMEOUT_S) == room.self_id
+    """Both join (the tab first unless `python_first`); returns (tab id, python room) once each
+    saw the other join."""
+
+    async def join_python() -> Any:
+        room = await py_room(
+            strategy=strategy,
+            relay_urls=relay_urls,
+            app_id=app_id,
+            room_id=room_id,
+            password=password,
+            **py_settings,
+        )
+        for action in ("json", "bin", "text"):
+            room.make_action(action)
+        return room
+
+    if python_first:
+        room = await join_python()
+        tab_id = await tab.join(strategy, relay_urls, app_id, room_id, password, debug=True)
+    else:
+        tab_id = await tab.join(strategy, relay_urls, app_id, room_id, password, debug=True)
+        room = await join_python()
+    assert await tab.wait_peer(room.self_id, timeout=JOIN_TIMEOUT_SECONDS) == room.self_id
     event = await next_event(room)
     assert (event.kind, event.peer_id) == ("join", tab_id)
     assert room.peers == [tab_id]
@@ -100,18 +137,38 @@ def python_frames(frames: list[dict[str, Any]], name: str) -> list[dict[str, Any
 
 # ------------------------------------------------------------------------------------------ exchange
 
-STRATEGIES = ("mqtt", "nostr", "torrent")
+PASSWORD = "s3cret pässword"
+ID_PREFIX = {"offers": "0000", "answers": "zzzz"}
+"""Python's role is forced through its selfId: the smaller id offers and, with a password, sends
+the challenge (trystero-wire §5.4, §8.6). Across the six cases each strategy runs both roles, each
+role runs with and without a password, and each of join order and leaver is varied: whoever joins
+first is discovered through the newcomer's announcements."""
 EXCHANGE_CASES = [
-    pytest.param(strategy, password, leaver, id=f"{strategy}-{'password' if password else 'open'}-{leaver}-leaves")
-    for strategy in STRATEGIES
-    for password, leaver in (("", "python"), ("s3cret pässword", "tab"))
+    pytest.param(
+        strategy,
+        password,
+        role,
+        first,
+        leaver,
+        id=f"{strategy}-{'password' if password else 'open'}-python-{role}-{first}-first-{leaver}-leaves",
+    )
+    for strategy, password, role, first, leaver in (
+        ("mqtt", "", "offers", "tab", "python"),
+        ("mqtt", PASSWORD, "answers", "python", "tab"),
+        ("nostr", "", "answers", "tab", "python"),
+        ("nostr", PASSWORD, "offers", "python", "tab"),
+        ("torrent", "", "offers", "python", "tab"),
+        ("torrent", PASSWORD, "answers", "tab", "python"),
+    )
 ]
 
 
-@pytest.mark.parametrize(("strategy", "password", "leaver"), EXCHANGE_CASES)
+@pytest.mark.parametrize(("strategy", "password", "role", "first", "leaver"), EXCHANGE_CASES)
 async def test_join_exchange_leave(
     strategy: str,
     password: str,
+    role: str,
+    first: str,
     leaver: str,
     tab: Tab,
     py_room: PyRoomFactory,
@@ -119,13 +176,23 @@ async def test_join_exchange_leave(
     request: pytest.FixtureRequest,
 ) -> None:
     app_id, room_id = unique_name(request, "-app"), "interop-room"
-    tab_id, room = await join_both(tab, py_room, relay_urls[strategy], strategy, app_id, room_id, password)
+    tab_id, room = await join_both(
+        tab,
+        py_room,
+        relay_urls[strategy],
+        strategy,
+        app_id,
+        room_id,
+        password,
+        python_first=first == "python",
+        self_id=forced_id(ID_PREFIX[role]),
+    )
 
     # -- tab → Python: JSON, string, small binary, 1 MB binary (62 chunks)
     await tab.send_json("json", JSON_TO_PY)
     await tab.send_string("text", TEXT_TO_PY)
     await tab.send_bytes("bin", SMALL_BINARY)
-    await tab.send_pattern("bin", ONE_MB, seed=11)
+    await tab.send_pattern("bin", ONE_MB_BYTES, seed=11)
     message = await receive(room, "json")
     assert (message.peer_id, message.payload, message.metadata) == (tab_id, JSON_TO_PY, None)
     message = await receive(room, "text")
@@ -136,20 +203,22 @@ async def test_join_exchange_leave(
     assert isinstance(message.payload, bytes)
     message = await receive(room, "bin")
     assert message.peer_id == tab_id and isinstance(message.payload, bytes)
-    assert (len(message.payload), sha256_hex(message.payload)) == (ONE_MB, sha256_hex(pattern_bytes(ONE_MB, 11)))
+    expected = sha256_hex(pattern_bytes(ONE_MB_BYTES, 11))
+    assert (len(message.payload), sha256_hex(message.payload)) == (ONE_MB_BYTES, expected)
 
     # -- Python → tab
     assert await room.make_action("json").send(JSON_TO_TAB) == [tab_id]
     await room.make_action("text").send(TEXT_TO_TAB)
     await room.make_action("bin").send(SMALL_BINARY, target=tab_id)
-    await room.make_action("bin").send(pattern_bytes(ONE_MB, 5))
-    (json_msg,) = await tab.wait_messages("json", 1, room.self_id, timeout=MESSAGE_TIMEOUT_S)
+    await room.make_action("bin").send(pattern_bytes(ONE_MB_BYTES, 5))
+    (json_msg,) = await tab.wait_messages("json", 1, room.self_id, timeout=MESSAGE_TIMEOUT_SECONDS)
     assert (json_msg["kind"], json_msg["value"]) == ("json", {**JSON_TO_TAB, "float_int": 1})
-    (text_msg,) = await tab.wait_messages("text", 1, room.self_id, timeout=MESSAGE_TIMEOUT_S)
+    (text_msg,) = await tab.wait_messages("text", 1, room.self_id, timeout=MESSAGE_TIMEOUT_SECONDS)
     assert (text_msg["kind"], text_msg["value"]) == ("string", TEXT_TO_TAB)
-    small, big = await tab.wait_messages("bin", 2, room.self_id, timeout=MESSAGE_TIMEOUT_S)
+    small, big = await tab.wait_messages("bin", 2, room.self_id, timeout=MESSAGE_TIMEOUT_SECONDS)
     assert (small["kind"], small["size"], small["sha256"]) == ("binary", 256, sha256_hex(SMALL_BINARY))
-    assert (big["kind"], big["size"], big["sha256"]) == ("binary", ONE_MB, sha256_hex(pattern_bytes(ONE_MB, 5)))
+    expected = sha256_hex(pattern_bytes(ONE_MB_BYTES, 5))
+    assert (big["kind"], big["size"], big["sha256"]) == ("binary", ONE_MB_BYTES, expected)
 
     # -- the bytes Python put on the data channel, as the tab saw them (trystero-wire §8)
     frames = await tab.get("frames")
@@ -163,28 +232,35 @@ async def test_join_exchange_leave(
     (text_frame,) = python_frames(frames, "text")
     assert (text_frame["tag"], bytes.fromhex(text_frame["head"]).decode()) == (0x01, TEXT_TO_TAB)
     bin_frames = python_frames(frames, "bin")
-    n = math.ceil(ONE_MB / CHUNK_PAYLOAD)
+    n = math.ceil(ONE_MB_BYTES / CHUNK_PAYLOAD_BYTES)
     assert len(bin_frames) == 1 + n
     assert (bin_frames[0]["nonce"], bin_frames[0]["tag"], bin_frames[0]["len"]) == (0, 0x0D, 256)
     big_chunks = bin_frames[1:]
     assert {f["nonce"] for f in big_chunks} == {1}
     assert [f["tag"] for f in big_chunks] == [0x0C] * (n - 1) + [0x0D]
-    assert [f["len"] for f in big_chunks] == [CHUNK_PAYLOAD] * (n - 1) + [ONE_MB - (n - 1) * CHUNK_PAYLOAD]
+    last_len = ONE_MB_BYTES - (n - 1) * CHUNK_PAYLOAD_BYTES
+    assert [f["len"] for f in big_chunks] == [CHUNK_PAYLOAD_BYTES] * (n - 1) + [last_len]
     assert [f["progress"] for f in big_chunks] == [js_progress(i, n) for i in range(n)]
-    hs_names = [f["name"] for f in frames if f["dir"] == "in" and f["frame"] == "room" and f["name"].startswith("@_")]
-    assert "@_hsready" in hs_names
-    assert ("@_hsdata" in hs_names) == bool(password)
+    assert len(python_frames(frames, "@_hsready")) == 1
+    hsdata = python_frames(frames, "@_hsdata")
+    if password:  # the smaller id challenges, the larger responds (§8.6)
+        (step,) = hsdata
+        assert json.loads(bytes.fromhex(step["head"]))["__trystero_pw"] == (
+            "challenge" if role == "offers" else "response"
+        )
+    else:
+        assert hsdata == []
 
     # -- ICE ran over loopback
     pair = (await tab.stats())[room.self_id]
     assert pair is not None, "the tab has no selected candidate pair to the Python peer"
     if loopback_only():
-        assert pair["local"]["address"] == pair["remote"]["address"] == "127.0.0.1", pair
+        assert_loopback_pair(pair)
 
     # -- leaving
     if leaver == "python":
         await asyncio.wait_for(room.leave(), 10)
-        await tab.wait_leave(room.self_id, timeout=JOIN_TIMEOUT_S)
+        await tab.wait_leave(room.self_id, timeout=JOIN_TIMEOUT_SECONDS)
         frames = await tab.get("frames")
         assert python_frames(frames, "@_leave"), "Python left without sending @_leave"
         assert any(f["dir"] == "in" and f["frame"] == "presence" and f["present"] == 0 for f in frames)
@@ -198,12 +274,14 @@ async def test_join_exchange_leave(
 # ------------------------------------------------------------------------------------------ wrong password
 
 WRONG_PASSWORD_CASES = [
-    # Python's id sorts after the tab's: the tab offers and Python cannot decrypt the offer.
+    # Python's id sorts after the tab's: the tab's offer wins, Python cannot decrypt it and says so.
+    # (Torrent too: both sides put offers on the tracker, but the smaller id ignores the other's
+    # offers while it has its own outstanding, trystero-wire §5.4, so only the larger id decrypts.)
     pytest.param("mqtt", "zzzz", id="mqtt-python-answers"),
     pytest.param("nostr", "zzzz", id="nostr-python-answers"),
-    # Torrent: both sides put offers on the tracker; Python cannot decrypt the tab's.
-    pytest.param("torrent", None, id="torrent"),
-    # Python's id sorts first: Python offers and the tab cannot decrypt the offer.
+    pytest.param("torrent", "zzzz", id="torrent-python-answers"),
+    # Python's id sorts first: Python offers and the tab cannot decrypt the offer (onJoinError).
+    # Python itself hears nothing back, so only the tab can say why.
     pytest.param("mqtt", "0000", id="mqtt-python-offers"),
 ]
 
@@ -211,7 +289,7 @@ WRONG_PASSWORD_CASES = [
 @pytest.mark.parametrize(("strategy", "id_prefix"), WRONG_PASSWORD_CASES)
 async def test_wrong_password_never_joins(
     strategy: str,
-    id_prefix: str | None,
+    id_prefix: str,
     tab: Tab,
     py_room: PyRoomFactory,
     relay_urls: dict[str, list[str]],
@@ -225,17 +303,19 @@ async def test_wrong_password_never_joins(
 
     loop = asyncio.get_running_loop()
     py_error: asyncio.Future[tuple[str, str]] = loop.create_future()
-    settings: dict[str, Any] = {}
-    if id_prefix is not None:
-        settings["self_id"] = forced_id(id_prefix)
     room = await py_room(
-        strategy=strategy, relay_urls=urls, app_id=app_id, room_id=room_id, password="a wrong one", **settings
+        strategy=strategy,
+        relay_urls=urls,
+        app_id=app_id,
+        room_id=room_id,
+        password="a wrong one",
+        self_id=forced_id(id_prefix),
     )
     room.on_join_error(lambda peer, reason: py_error.done() or py_error.set_result((peer, reason)))
-    python_decrypts = strategy == "torrent" or room.self_id > tab_id
+    python_decrypts = room.self_id > tab_id
 
     if python_decrypts:
-        peer, reason = await asyncio.wait_for(py_error, JOIN_TIMEOUT_S)
+        peer, reason = await asyncio.wait_for(py_error, JOIN_TIMEOUT_SECONDS)
         assert peer == tab_id and "password" in reason, reason
         why = [
             r for r in caplog.records
@@ -245,13 +325,15 @@ async def test_wrong_password_never_joins(
         assert "decrypt" in why[0].getMessage()
     else:
         error = await tab.wait(
-            "id => T.events.find(e => e.type === 'joinError' && e.peerId === id)", room.self_id, JOIN_TIMEOUT_S
+            "id => T.events.find(e => e.type === 'joinError' && e.peerId === id)",
+            room.self_id,
+            JOIN_TIMEOUT_SECONDS,
         )
         assert "incorrect room password" in error["error"], error
 
     # Neither side joins (a join needs a decrypted offer/answer; re-sent offers fail the same way).
     with pytest.raises(TimeoutError):
-        await room.wait_for_peers(1, timeout=NO_JOIN_WINDOW_S)
+        await room.wait_for_peers(1, timeout=NO_JOIN_WINDOW_SECONDS)
     assert room.peers == []
     assert await tab.events("join") == []
     assert await tab.get("peers") == []

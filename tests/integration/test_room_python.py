@@ -9,9 +9,8 @@ event (a join, a message) under a bound; nothing sleeps to wait for state.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -121,7 +120,9 @@ async def next_event(room: Room, kind: str) -> PeerEvent:
 
 @pytest.mark.parametrize("order", ["first-smaller", "first-larger"])
 async def test_join_exchange_leave(net: Net, order: str) -> None:
-    first_prefix, second_prefix = (SMALL_PREFIX, LARGE_PREFIX) if order == "first-smaller" else (LARGE_PREFIX, SMALL_PREFIX)
+    first_prefix, second_prefix = (
+        (SMALL_PREFIX, LARGE_PREFIX) if order == "first-smaller" else (LARGE_PREFIX, SMALL_PREFIX)
+    )
     a = await net.join(self_id=peer_id(first_prefix))
     b = await net.join(self_id=peer_id(second_prefix))
     await joined(a, b)
@@ -133,7 +134,11 @@ async def test_join_exchange_leave(net: Net, order: str) -> None:
 
     assert await a_cap.send({"a": 1, "list": [1.5, None, "é"]}) == [b.self_id]
     got = await receive(b_cap)
-    assert (got.peer_id, got.payload, got.metadata) == (a.self_id, {"a": 1, "list": [1.5, None, "é"]}, None)
+    assert (got.peer_id, got.payload, got.metadata) == (
+        a.self_id,
+        {"a": 1, "list": [1.5, None, "é"]},
+        None,
+    )
     await b_cap.send([1, 2], target=a.self_id, metadata={"m": True})
     got = await receive(a_cap)
     assert (got.payload, got.metadata) == ([1, 2], {"m": True})
@@ -159,8 +164,12 @@ async def test_join_exchange_leave(net: Net, order: str) -> None:
 async def test_one_megabyte_binary(direction: str) -> None:
     network = Net(kind="memory", app_id="py-binary-" + gen_id(6), url=None)
     try:
-        sender = await network.join(self_id=peer_id(SMALL_PREFIX if direction == "small-to-large" else LARGE_PREFIX))
-        receiver = await network.join(self_id=peer_id(LARGE_PREFIX if direction == "small-to-large" else SMALL_PREFIX))
+        sender = await network.join(
+            self_id=peer_id(SMALL_PREFIX if direction == "small-to-large" else LARGE_PREFIX)
+        )
+        receiver = await network.join(
+            self_id=peer_id(LARGE_PREFIX if direction == "small-to-large" else SMALL_PREFIX)
+        )
         await joined(sender, receiver)
         blob = bytes(range(256)) * 4096  # 1 MiB: 65 chunks
         await sender.make_action("blob").send(blob, metadata={"name": "f.bin"})
@@ -269,7 +278,7 @@ def fast_backoff() -> Backoff:
     return Backoff(base_seconds=0.05, cap_seconds=0.5)
 
 
-@pytest.mark.parametrize("kind", ["ws-relay", "mqtt", "memory"])
+@pytest.mark.parametrize("kind", ["ws-relay", "mqtt", "nostr", "torrent", "memory"])
 async def test_relay_restart_keeps_channels_and_admits_new_peer(
     kind: str, request: pytest.FixtureRequest
 ) -> None:
@@ -292,7 +301,12 @@ async def test_relay_restart_keeps_channels_and_admits_new_peer(
             for relay in relays:
                 relay.reconnect()
     else:
-        fixture = {"ws-relay": "wsrelay_server_fresh", "mqtt": "mqtt_broker_fresh"}[kind]
+        fixture = {
+            "ws-relay": "wsrelay_server_fresh",
+            "mqtt": "mqtt_broker_fresh",
+            "nostr": "nostr_server_fresh",
+            "torrent": "tracker_server_fresh",
+        }[kind]
         server = request.getfixturevalue(fixture)
         url = server.url
         network = Net(kind=kind, app_id=unique_app(request), url=url)
@@ -324,7 +338,11 @@ async def test_relay_restart_keeps_channels_and_admits_new_peer(
 async def test_async_with_and_idempotent_leave() -> None:
     hub = MemoryHub()
     config = RoomConfig(
-        strategy="memory", app_id="py-ctx-" + gen_id(6), room_id="r", host_addresses_mode="only", ice_servers=[]
+        strategy="memory",
+        app_id="py-ctx-" + gen_id(6),
+        room_id="r",
+        host_addresses_mode="only",
+        ice_servers=[],
     )
     async with await Room.join(config, relays=[hub.relay()]) as room:
         assert not room.closed
@@ -332,3 +350,79 @@ async def test_async_with_and_idempotent_leave() -> None:
     await asyncio.gather(room.leave(), room.leave())
     with pytest.raises(RoomClosed):
         await room.next_event()
+
+
+# -- PeerLink: the browser-shaped paths Python↔Python rooms do not exercise ------------------------
+
+
+def _split_candidates(sdp: str) -> tuple[str, list[str]]:
+    lines = sdp.splitlines()
+    candidates = [line[2:] for line in lines if line.startswith("a=candidate:")]
+    kept = [line for line in lines if not line.startswith(("a=candidate:", "a=end-of-candidates"))]
+    return "\r\n".join(kept) + "\r\n", candidates
+
+
+def _ufrag(sdp: str) -> str:
+    return next(
+        line.split(":", 1)[1] for line in sdp.splitlines() if line.startswith("a=ice-ufrag:")
+    )
+
+
+@pytest.mark.parametrize("early", [True, False])
+async def test_peerlink_trickled_answer_candidates(early: bool) -> None:
+    """A browser answers before gathering and trickles candidates, possibly before the answer."""
+    from meshnode.transport.peer import PeerLink, install_host_address_override  # noqa: PLC0415
+
+    install_host_address_override("only", ["127.0.0.1"])
+    received: asyncio.Queue[bytes] = asyncio.Queue()
+    offerer = PeerLink(ice_servers=[], peer_id="answerer")
+    answerer = PeerLink(ice_servers=[], peer_id="offerer", on_message=received.put_nowait)
+    try:
+        offer = await offerer.create_offer()
+        answer = await answerer.accept_offer(offer)
+        bare, candidates = _split_candidates(answer)
+        assert candidates and "a=candidate" not in bare
+        trickled = [(c, "0", 0, _ufrag(answer)) for c in candidates]
+        trickled.insert(0, ("", "0", 0, None))  # end-of-candidates as an empty candidate: skipped
+        trickled.append((candidates[0].replace("127.0.0.1", "192.0.2.1"), "0", 0, "other-ufrag"))
+        if early:  # candidates before the answer are queued until it is applied
+            for item in trickled:
+                await offerer.add_candidate(*item)
+            await offerer.accept_answer(bare)
+        else:
+            await offerer.accept_answer(bare)
+            for item in trickled:
+                await offerer.add_candidate(*item)
+        async with asyncio.timeout(MESSAGE_TIMEOUT):
+            await offerer.opened.wait()
+        await offerer.send(b"over trickle")
+        async with asyncio.timeout(MESSAGE_TIMEOUT):
+            assert await received.get() == b"over trickle"
+        with pytest.raises(TypeError):
+            await offerer.send("text")  # type: ignore[arg-type]  # never a text message (P2)
+    finally:
+        await offerer.close()
+        async with asyncio.timeout(MESSAGE_TIMEOUT):
+            await answerer.closed  # the remote side notices the close
+        await answerer.close()
+
+
+def test_host_address_override_modes() -> None:
+    import aioice.ice  # noqa: PLC0415
+
+    from meshnode.transport import peer  # noqa: PLC0415
+
+    before = peer._installed_override  # noqa: SLF001 - process-wide state, restored below
+    try:
+        peer.install_host_address_override("only", ["127.0.0.1", "::1"])
+        assert aioice.ice.get_host_addresses(True, False) == ["127.0.0.1"]
+        assert aioice.ice.get_host_addresses(True, True) == ["127.0.0.1", "::1"]
+        peer.install_host_address_override("append", ["127.0.0.1"])
+        base = peer._original_get_host_addresses(True, False)  # noqa: SLF001
+        assert aioice.ice.get_host_addresses(True, False) == [*base, "127.0.0.1"]
+        peer.install_host_address_override("auto", [])
+        assert aioice.ice.get_host_addresses is peer._original_get_host_addresses  # noqa: SLF001
+        with pytest.raises(ValueError):
+            peer.install_host_address_override("sometimes", [])  # type: ignore[arg-type]
+    finally:
+        peer.install_host_address_override(*before)  # type: ignore[arg-type]

@@ -17,8 +17,9 @@ json_values = st.recursive(
     | st.integers(min_value=-(2**53) + 1, max_value=2**53 - 1)
     | st.floats(allow_nan=False, allow_infinity=False).filter(lambda f: f == 0 or abs(f) > 1e-300)
     | st.text(max_size=40),
-    lambda children: st.lists(children, max_size=5)
-    | st.dictionaries(st.text(max_size=8), children, max_size=5),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5)
+    ),
     max_leaves=20,
 )
 
@@ -27,7 +28,9 @@ json_values = st.recursive(
 def payloads(draw: st.DrawFn) -> Any:
     kind = draw(st.sampled_from(["bytes", "str", "json"]))
     if kind == "bytes":
-        size = draw(st.sampled_from([0, 1, 100, rf.CHUNK_PAYLOAD_BYTES, rf.CHUNK_PAYLOAD_BYTES + 1, 40000]))
+        size = draw(
+            st.sampled_from([0, 1, 100, rf.CHUNK_PAYLOAD_BYTES, rf.CHUNK_PAYLOAD_BYTES + 1, 40000])
+        )
         return random.Random(draw(st.integers(0, 2**32))).randbytes(size)
     if kind == "str":
         # Lone surrogates are replaced by U+FFFD on the way out, like TextEncoder; avoid them here.
@@ -61,7 +64,9 @@ def _normalise(value: Any) -> Any:
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batch=messages(), seed=st.integers(0, 2**32))
-def test_interleaved_chunks_reassemble(batch: list[tuple[str, str, int, Any, Any]], seed: int) -> None:
+def test_interleaved_chunks_reassemble(
+    batch: list[tuple[str, str, int, Any, Any]], seed: int
+) -> None:
     # Chunks of one message stay in order (ordered channel), messages interleave arbitrarily.
     streams = []
     for peer, name, nonce, payload, meta in batch:

@@ -1,4 +1,4 @@
-"""The signalling engines (trystero-wire §5, §6.4) over MemoryHub relays with a fake peer factory."""
+"""The signalling engines (trystero-wire §5, §6.4) on MemoryHub relays with a fake peer factory."""
 
 from __future__ import annotations
 
@@ -191,7 +191,9 @@ async def test_subscribes_self_then_root_then_announces(hub: MemoryHub) -> None:
 
 
 @pytest.mark.parametrize("a_id, b_id", [(SMALL, LARGE), (LARGE, SMALL)])
-async def test_two_peers_smaller_offers_larger_answers(hub: MemoryHub, a_id: str, b_id: str) -> None:
+async def test_two_peers_smaller_offers_larger_answers(
+    hub: MemoryHub, a_id: str, b_id: str
+) -> None:
     fa, fb = FakeFactory("a"), FakeFactory("b")
     a = make_strategy([hub.relay()], a_id, fa)
     b = make_strategy([hub.relay()], b_id, fb)
@@ -235,7 +237,9 @@ async def test_smaller_id_offers_and_applies_answer(hub: MemoryHub) -> None:
     assert len(offer["offerId"]) == 12
     assert remote.sealer.unseal(offer["offer"]) == factory.handles[0].sdp
     # An answer to another offer id is ignored, the right one is applied once.
-    await remote.publish_to(SMALL, messages.build_answer(LARGE, remote.sealer.seal("nope"), "x" * 12))
+    await remote.publish_to(
+        SMALL, messages.build_answer(LARGE, remote.sealer.seal("nope"), "x" * 12)
+    )
     sealed = remote.sealer.seal("v=0 answer")
     for _ in range(2):
         await remote.publish_to(SMALL, messages.build_answer(LARGE, sealed, offer["offerId"]))
@@ -306,7 +310,8 @@ async def test_candidates_before_offer_are_buffered_and_deduplicated(hub: Memory
     for line in [*lines, lines[0], ""]:  # a duplicate and an end-of-candidates
         plain = messages.build_candidate_json(Candidate(line, "0", 0, "uf"))
         await remote.publish_to(
-            LARGE, messages.build_offerer_candidate(SMALL, "OFFERID12345", remote.sealer.seal(plain))
+            LARGE,
+            messages.build_offerer_candidate(SMALL, "OFFERID12345", remote.sealer.seal(plain)),
         )
     await remote.publish_to(
         LARGE, messages.build_offer(SMALL, "OFFERID12345", remote.sealer.seal("v=0 offer"))
@@ -335,7 +340,9 @@ async def test_answerer_candidates_before_answer_reach_offer_handle(hub: MemoryH
     await remote.heard(strategy.self_id)
     await remote.announce()
     offer = await remote.expect(lambda m: "offer" in m)
-    plain = messages.build_candidate_json(Candidate("candidate:1 1 udp 1 192.0.2.9 9 typ host", "0", 0))
+    plain = messages.build_candidate_json(
+        Candidate("candidate:1 1 udp 1 192.0.2.9 9 typ host", "0", 0)
+    )
     await remote.publish_to(
         SMALL, messages.build_answerer_candidate(LARGE, remote.sealer.seal(plain), offer["offerId"])
     )
@@ -395,7 +402,9 @@ async def test_wrong_password_answer_is_dropped(hub: MemoryHub) -> None:
     await remote.heard(strategy.self_id)
     await remote.announce()
     offer = await remote.expect(lambda m: "offer" in m)
-    await remote.publish_to(SMALL, messages.build_answer(LARGE, remote.sealer.seal("x"), offer["offerId"]))
+    await remote.publish_to(
+        SMALL, messages.build_answer(LARGE, remote.sealer.seal("x"), offer["offerId"])
+    )
     await errors.wait()
     assert errors[0][1] == "incorrect room password (undecryptable answer)"
     assert factory.handles[0].remote_sdp is None
@@ -443,7 +452,9 @@ async def test_unanswered_offer_expires_and_connect_deadline_discards(hub: Memor
     # A fresh offer (new id), answered, but the connection never opens: deadline discards it.
     await remote.announce()
     offer = await remote.expect(lambda m: "offer" in m)
-    await remote.publish_to(SMALL, messages.build_answer(LARGE, remote.sealer.seal("v=0 a"), offer["offerId"]))
+    await remote.publish_to(
+        SMALL, messages.build_answer(LARGE, remote.sealer.seal("v=0 a"), offer["offerId"])
+    )
     await factory.next("accepted")
     discarded = await factory.next("discard")
     assert discarded is factory.handles[1]
@@ -460,7 +471,9 @@ async def test_release_keeps_connected_handle(hub: MemoryHub) -> None:
     await remote.heard(strategy.self_id)
     await remote.announce()
     offer = await remote.expect(lambda m: "offer" in m)
-    await remote.publish_to(SMALL, messages.build_answer(LARGE, remote.sealer.seal("v=0 a"), offer["offerId"]))
+    await remote.publish_to(
+        SMALL, messages.build_answer(LARGE, remote.sealer.seal("v=0 a"), offer["offerId"])
+    )
     handle = await factory.next("accepted")
     factory.live.add(LARGE)
     strategy.release(LARGE, handle)
@@ -468,7 +481,7 @@ async def test_release_keeps_connected_handle(hub: MemoryHub) -> None:
     assert not handle.discarded  # the factory owns it now
 
 
-# -- torrent --------------------------------------------------------------------------------------
+# -- torrent ---------------------------------------------------------------------------------------
 
 
 class FakeTracker:
@@ -514,14 +527,18 @@ class FakeTracker:
                     return message
 
 
-def make_tracker_strategy(tracker: FakeTracker, self_id: str, factory: FakeFactory) -> TrackerStrategy:
+def make_tracker_strategy(
+    tracker: FakeTracker, self_id: str, factory: FakeFactory
+) -> TrackerStrategy:
     return TrackerStrategy(
         [tracker],  # type: ignore[list-item]
         app_id=APP,
         room_id=ROOM,
         self_id=self_id,
         factory=factory,
-        timers=StrategyTimers(announce_schedule_seconds=(0.0,), tracker_announce_interval_seconds=10.0),
+        timers=StrategyTimers(
+            announce_schedule_seconds=(0.0,), tracker_announce_interval_seconds=10.0
+        ),
     )
 
 
@@ -550,13 +567,20 @@ async def test_torrent_answer_to_pooled_offer() -> None:
     announce = await tracker.next_sent(lambda m: True)
     offer_id = announce["offers"][1]["offer_id"]
     sealer = Sealer(names.signalling_key("", APP, ROOM))
-    answer = {"action": "announce", "answer": {"type": "answer", "sdp": sealer.seal("v=0 ans")},
-              "offer_id": offer_id, "peer_id": LARGE, "info_hash": strategy.info_hash}
+    answer = {
+        "action": "announce",
+        "answer": {"type": "answer", "sdp": sealer.seal("v=0 ans")},
+        "offer_id": offer_id,
+        "peer_id": LARGE,
+        "info_hash": strategy.info_hash,
+    }
     tracker.inject(answer)
     tracker.inject(answer)  # duplicate within the dedupe window
     tracker.inject({**answer, "offer_id": "unknown-offer-id-000"})
     handle = await factory.next("accepted")
-    assert handle is factory.handles[1] and handle.peer_id == LARGE and handle.remote_sdp == "v=0 ans"
+    assert (
+        handle is factory.handles[1] and handle.peer_id == LARGE and handle.remote_sdp == "v=0 ans"
+    )
     await strategy.close()
     assert sum(1 for h in factory.handles if h.remote_sdp) == 1
 
@@ -569,8 +593,15 @@ async def test_torrent_glare_only_larger_id_answers(remote: str, answers: bool) 
     await strategy.start()
     await tracker.next_sent(lambda m: "offers" in m)  # our pool exists now
     sealer = Sealer(names.signalling_key("", APP, ROOM))
-    tracker.inject({"action": "announce", "offer": {"type": "offer", "sdp": sealer.seal("v=0 off")},
-                    "offer_id": "R" * 20, "peer_id": remote, "info_hash": strategy.info_hash})
+    tracker.inject(
+        {
+            "action": "announce",
+            "offer": {"type": "offer", "sdp": sealer.seal("v=0 off")},
+            "offer_id": "R" * 20,
+            "peer_id": remote,
+            "info_hash": strategy.info_hash,
+        }
+    )
     if answers:
         reply = await tracker.next_sent(lambda m: "answer" in m)
         assert list(reply) == ["action", "info_hash", "peer_id", "answer", "offer_id", "to_peer_id"]
@@ -579,10 +610,19 @@ async def test_torrent_glare_only_larger_id_answers(remote: str, answers: bool) 
     else:
         # The same peer's answer to one of our offers is handled after its offer (FIFO per peer).
         offer_id = factory.handles and announce_ids(tracker, strategy)
-        tracker.inject({"action": "announce", "answer": {"type": "answer", "sdp": sealer.seal("v=0 a")},
-                        "offer_id": offer_id, "peer_id": remote, "info_hash": strategy.info_hash})
+        tracker.inject(
+            {
+                "action": "announce",
+                "answer": {"type": "answer", "sdp": sealer.seal("v=0 a")},
+                "offer_id": offer_id,
+                "peer_id": remote,
+                "info_hash": strategy.info_hash,
+            }
+        )
         await factory.next("accepted")
         assert not any(h.kind == "answer" for h in factory.handles)
+        # Ignoring the newcomer's offer re-announced ours at once, so it can answer them.
+        await tracker.next_sent(lambda m: "offers" in m)
     await strategy.close()
 
 

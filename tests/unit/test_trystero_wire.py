@@ -1,4 +1,4 @@
-"""Golden values of trystero-wire §3.2 (names, keys), §4 (sealing), §5.2/§6.4 (messages), §8.8 (frames)."""
+"""Golden values: trystero-wire §3.2 (names), §4 (sealing), §5.2/§6.4 (messages), §8.8 (frames)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ APP, ROOM, PEER = "my-app", "lobby", "AbCdEfGhIjKlMnOpQrSt"
 TOKEN = "4dcb6a57f52829144d0071cdc88b53fac87dc6d81fc756df1cd90916ea8ffdba"
 
 
-# -- §3.2 names and keys --------------------------------------------------------------------------
+# -- §3.2 names and keys ---------------------------------------------------------------------------
 
 
 def test_worked_values_my_app_lobby() -> None:
@@ -95,7 +95,7 @@ def test_gen_id_alphabet_and_length() -> None:
     assert names.gen_id(12) != names.gen_id(12)
 
 
-# -- §4 sealing -----------------------------------------------------------------------------------
+# -- §4 sealing ------------------------------------------------------------------------------------
 
 
 def test_seal_golden_hello() -> None:
@@ -133,7 +133,7 @@ def test_dollar_split_on_first_only() -> None:
     assert unseal(key, seal(key, "a$b$c")) == "a$b$c"
 
 
-# -- §5.2 / §5.3 signalling messages --------------------------------------------------------------
+# -- §5.2 / §5.3 signalling messages ---------------------------------------------------------------
 
 
 def test_message_builders_key_order_and_compactness() -> None:
@@ -171,7 +171,10 @@ def test_candidate_plaintext_order() -> None:
         ('{"peerId":"x","offerId":"o","offer":"s"}', "offer"),
         ('{"peerId":"x","offerId":"o","candidate":"s"}', "candidate"),
         ('{"peerId":"x","answer":"s","offerId":"o"}', "answer"),
-        ('{"peerId":"x","answer":"s","candidate":"c"}', "candidate"),  # order: offer, candidate, answer
+        (
+            '{"peerId":"x","answer":"s","candidate":"c"}',
+            "candidate",
+        ),  # order: offer, candidate, answer
     ],
 )
 def test_parse_signal_classification(text: str, kind: str) -> None:
@@ -208,15 +211,31 @@ def test_tracker_messages() -> None:
     assert list(answer) == ["action", "info_hash", "peer_id", "answer", "offer_id", "to_peer_id"]
     assert answer["answer"] == {"type": "answer", "sdp": "S"}
 
-    forwarded = {"action": "announce", "offer": {"type": "offer", "sdp": "X"}, "offer_id": "o",
-                 "peer_id": "p", "info_hash": "i"}
+    forwarded = {
+        "action": "announce",
+        "offer": {"type": "offer", "sdp": "X"},
+        "offer_id": "o",
+        "peer_id": "p",
+        "info_hash": "i",
+    }
     assert messages.parse_tracker_message(forwarded) == messages.TrackerOffer("i", "p", "o", "X")
     legacy = {**forwarded, "offer": "X"}  # before 0.23.1 the SDP was a bare string
     assert isinstance(messages.parse_tracker_message(legacy), messages.TrackerOffer)
-    back = {"action": "announce", "answer": {"type": "answer", "sdp": "Y"}, "offer_id": "o",
-            "peer_id": "q", "info_hash": "i"}
+    back = {
+        "action": "announce",
+        "answer": {"type": "answer", "sdp": "Y"},
+        "offer_id": "o",
+        "peer_id": "q",
+        "info_hash": "i",
+    }
     assert messages.parse_tracker_message(back) == messages.TrackerAnswer("i", "q", "o", "Y")
-    reply = {"complete": 0, "incomplete": 1, "action": "announce", "interval": 120, "info_hash": "i"}
+    reply = {
+        "complete": 0,
+        "incomplete": 1,
+        "action": "announce",
+        "interval": 120,
+        "info_hash": "i",
+    }
     assert messages.parse_tracker_message(reply) == messages.TrackerAnnounceReply("i", 120.0)
     notice = messages.parse_tracker_message({"failure reason": "bad"})
     assert isinstance(notice, messages.TrackerNotice) and notice.failure
@@ -224,14 +243,10 @@ def test_tracker_messages() -> None:
         messages.parse_tracker_message({"action": "scrape", "info_hash": "i"})
 
 
-# -- §8.8 frames ----------------------------------------------------------------------------------
+# -- §8.8 frames -----------------------------------------------------------------------------------
 
 CAP_FRAME = bytes.fromhex(
-    "010040"
-    + TOKEN.encode().hex()
-    + "636170" + "00" * 29
-    + "0000" + "09" + "ff"
-    + "7b2261223a317d"
+    "010040" + TOKEN.encode().hex() + "636170" + "00" * 29 + "0000" + "09" + "ff" + "7b2261223a317d"
 )
 
 
@@ -283,7 +298,12 @@ def test_number_payload() -> None:
 def test_large_binary_with_metadata_four_chunks() -> None:
     payload, kind = rf.encode_payload(bytes(40000))
     chunks = rf.encode_action("file", 0, payload, kind, {"name": "f"})
-    assert [(c[34], c[35]) for c in chunks] == [(0x0E, 0x40), (0x0C, 0x80), (0x0C, 0xBF), (0x0D, 0xFF)]
+    assert [(c[34], c[35]) for c in chunks] == [
+        (0x0E, 0x40),
+        (0x0C, 0x80),
+        (0x0C, 0xBF),
+        (0x0D, 0xFF),
+    ]
     assert [len(c) for c in chunks] == [36 + len(b'{"name":"f"}'), 16384, 16384, 7340]
 
 
@@ -323,7 +343,15 @@ def test_receiver_strips_all_nuls_from_name() -> None:
 
 @pytest.mark.parametrize(
     "data",
-    [b"", b"\x03abc", b"\x01\x00", b"\x01\x00\x00abc", b"\x01\x00\x40abc", b"\x02\x01\x00", b"\x02\x01\x00\x05ab"],
+    [
+        b"",
+        b"\x03abc",
+        b"\x01\x00",
+        b"\x01\x00\x00abc",
+        b"\x01\x00\x40abc",
+        b"\x02\x01\x00",
+        b"\x02\x01\x00\x05ab",
+    ],
 )
 def test_decode_frame_rejects(data: bytes) -> None:
     with pytest.raises(FrameError):
@@ -340,7 +368,12 @@ def test_decode_room_frame() -> None:
 
 
 def test_payload_kinds_round_trip() -> None:
-    for value, tags in [("héllo", 0x01), ({"a": [1, 2.5, None]}, 0x09), (b"\x00\xff", 0x0D), (True, 0x09)]:
+    for value, tags in [
+        ("héllo", 0x01),
+        ({"a": [1, 2.5, None]}, 0x09),
+        (b"\x00\xff", 0x0D),
+        (True, 0x09),
+    ]:
         payload, kind = rf.encode_payload(value)
         (chunk,) = rf.encode_action("k", 0, payload, kind)
         assert chunk[34] == tags
@@ -371,7 +404,7 @@ def test_payload_kinds_round_trip() -> None:
         (float("inf"), "null"),
         (0.1 + 0.2, "0.30000000000000004"),
         (5e-324, "5e-324"),
-        ("a\u2028\x7f\"\\\n\x01", '"a\u2028\x7f\\"\\\\\\n\\u0001"'),
+        ('a\u2028\x7f"\\\n\x01', '"a\u2028\x7f\\"\\\\\\n\\u0001"'),
         ("\ud800", '"\\ud800"'),
         ({"b": 1, "2": 2, "1": 3, "01": 4}, '{"1":3,"2":2,"b":1,"01":4}'),
         ({1: "x"}, '{"1":"x"}'),

@@ -12,7 +12,8 @@
 //   await T.stats()                       selected ICE candidate pair of every connected peer
 //   T.selfId, T.peers (ids of active peers), T.events, T.messages, T.frames, T.wsLog, T.pcLog
 //
-// T.events:   {seq, t, type: 'join'|'leave'|'joinError'|'sent'|'selfLeave'|'error', peerId, ...}
+// T.events:   {seq, t, type: 'joinCalled'|'join'|'leave'|'joinError'|'sent'|'selfLeave'|'error',
+//              peerId, ...}; t = performance.now() in ms
 // T.messages: {seq, t, action, peerId, kind: 'json'|'string'|'binary', value?, size, sha256?,
 //              b64? (binary <= 4096 bytes), metadata?, done}; `done` turns true once the SHA-256 of a
 //              binary payload is known (immediately for the other kinds).
@@ -290,6 +291,7 @@ async function join({
     onJoinError: e => event('joinError', { peerId: e.peerId, error: String(e.error) }),
   }
   if (handshakeTimeoutMs) callbacks.handshakeTimeoutMs = handshakeTimeoutMs
+  event('joinCalled', { strategy, appId, roomId })
   T.room = mod.joinRoom(config, roomId, callbacks)
   T.room.onPeerJoin = peerId => event('join', { peerId })
   T.room.onPeerLeave = peerId => event('leave', { peerId })
