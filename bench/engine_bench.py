@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from meshnode.engine import SamplingParams, TorchEngine  # noqa: E402
-from meshnode.models import LoadedModel, resolve_model  # noqa: E402
+from meshnode.models import LoadedModel, cpu_has_native_bf16, resolve_model  # noqa: E402
 
 QUESTIONS = [
     "Explain entropy in one sentence.",
@@ -70,6 +70,23 @@ def _prompts(loaded: LoadedModel, count: int) -> list[list[int]]:
     return prompts
 
 
+class _FirstTokenTimer:
+    """A ``generate`` streamer that notes when the first new token arrives (the 2nd ``put``)."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.first_token_at: float | None = None
+        self._puts = 0
+
+    def put(self, value: Any) -> None:
+        self._puts += 1
+        if self._puts == 2 and self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
 def _sequential(loaded: LoadedModel, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
     """Run ``model.generate`` on each prompt in turn."""
     outputs: list[list[int]] = []
@@ -80,19 +97,20 @@ def _sequential(loaded: LoadedModel, prompts: list[list[int]], max_tokens: int) 
     with torch.inference_mode():
         for prompt in prompts:
             inputs = torch.tensor([prompt], device=loaded.device)
-            t0 = time.perf_counter()
-            loaded.model.generate(inputs, max_new_tokens=1, do_sample=False, **no_eos)
-            ttfts.append(time.perf_counter() - t0)
-            out = loaded.model.generate(inputs, max_new_tokens=max_tokens, do_sample=False, **no_eos)
+            timer = _FirstTokenTimer()
+            out = loaded.model.generate(
+                inputs, max_new_tokens=max_tokens, do_sample=False, streamer=timer, **no_eos
+            )
+            if timer.first_token_at is not None:
+                ttfts.append(timer.first_token_at - timer.started)
             outputs.append(out[0, len(prompt) :].tolist())
-    # The separate 1-token call only measures TTFT; remove its time from the throughput figure.
-    elapsed = time.perf_counter() - started - sum(ttfts)
+    elapsed = time.perf_counter() - started
     tokens = sum(len(o) for o in outputs)
     return {
         "seconds": round(elapsed, 3),
         "tokens": tokens,
         "tok_per_s": round(tokens / elapsed, 2),
-        "ttft_median_s": round(statistics.median(ttfts), 4),
+        "ttft_median_s": round(statistics.median(ttfts), 4) if ttfts else None,
         "outputs": outputs,
     }
 
@@ -185,6 +203,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
             "cpu_count": os.cpu_count(),
             "torch": torch.__version__,
             "threads": args.threads,
+            "cpu_native_bf16": cpu_has_native_bf16(),
             "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
         },
         "model": loaded.model_id,
@@ -211,7 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", help="model dtype")
     parser.add_argument("--cache-dir", default=None, help="converted-model cache (default: meshnode's)")
     parser.add_argument(
-        "--output", type=Path, default=ROOT / "bench" / "results" / "engine_cpu.json", help="JSON output"
+        "--output",
+        type=Path,
+        default=None,
+        help="JSON output (default bench/results/engine_cpu.json for bf16, engine_cpu_<dtype>.json else)",
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: 1,4 streams, 16 tokens, no file")
     args = parser.parse_args(argv)
@@ -219,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         args.concurrency, args.max_tokens = "1,4", 16
     logging.basicConfig(level=logging.WARNING)
     report = asyncio.run(_main(args))
+    if args.output is None:
+        suffix = "" if args.dtype in ("bfloat16", "bf16") else f"_{args.dtype}"
+        args.output = ROOT / "bench" / "results" / f"engine_cpu{suffix}.json"
     if not args.quick:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

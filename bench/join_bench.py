@@ -84,7 +84,11 @@ async def one_run(strategy: str, url: str | None) -> dict[str, Any]:
         await rooms[0].make_action("ping").send({"t": 1})
         async with asyncio.timeout(JOIN_TIMEOUT_SECONDS):
             await rooms[1].make_action("ping").receive()
-        return {"ok": True, "join_seconds": joined, "first_message_seconds": time.perf_counter() - sent}
+        return {
+            "ok": True,
+            "join_seconds": joined,
+            "first_message_seconds": time.perf_counter() - sent,
+        }
     except TimeoutError:
         return {"ok": False, "join_seconds": None, "first_message_seconds": None}
     finally:
@@ -117,12 +121,10 @@ async def bench(strategies: list[str], runs: int) -> dict[str, Any]:
             "samples": samples,
         }
         join = results[strategy]["join_seconds"]
-        line = (
-            f"{strategy:9} {len(ok)}/{runs} ok  join min/median/max "
-            f"{join['min'] * 1000:6.0f} / {join['median'] * 1000:6.0f} / {join['max'] * 1000:6.0f} ms"
-            if join
-            else f"{strategy:9} 0/{runs} ok"
-        )
+        line = f"{strategy:9} {len(ok)}/{runs} ok"
+        if join:
+            ms = [join[key] * 1000 for key in ("min", "median", "max")]
+            line += "  join min/median/max {:6.0f} / {:6.0f} / {:6.0f} ms".format(*ms)
         print(line, flush=True)
     return results
 

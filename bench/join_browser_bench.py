@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from meshnode.room import Room, RoomConfig  # noqa: E402
+from signaling.names import gen_id  # noqa: E402
 from tests import relays  # noqa: E402
 from tests.browser.conftest import CHROMIUM, CHROMIUM_FLAGS, WWW, Tab, loopback_only  # noqa: E402
 from tests.browser.conftest import _QuietHandler as QuietHandler  # noqa: E402
@@ -76,11 +77,16 @@ def page_server() -> Iterator[str]:
         server.server_close()
 
 
-async def one_run(browser: Any, base_url: str, strategy: str, url: str, run: int) -> dict[str, Any]:
+async def one_run(
+    browser: Any, base_url: str, strategy: str, url: str, run: int, *, debug: bool = False
+) -> dict[str, Any]:
     """One tab and one Python room join a fresh room at once; returns the run's sample."""
     app_id = f"bench-browser-{strategy}-{os.getpid()}-{run}-{time.monotonic_ns() % 10**9}"
     context = await browser.new_context()
     room: Room | None = None
+    tab: Tab | None = None
+    python_id = gen_id(20)
+    python_errors: list[tuple[str, str]] = []
     try:
         page = await context.new_page()
         await page.goto(f"{base_url}/trystero.html")
@@ -96,11 +102,13 @@ async def one_run(browser: Any, base_url: str, strategy: str, url: str, run: int
             ice_servers=[],
             host_addresses_mode="only",
             host_addresses=["127.0.0.1"],
+            self_id=python_id,
         )
 
         async def join_python() -> tuple[Room, float]:
             started = time.monotonic()
             joined = await Room.join(config)
+            joined.on_join_error(lambda peer, reason: python_errors.append((peer, reason)))
             try:
                 event = await asyncio.wait_for(joined.next_event(), JOIN_TIMEOUT_SECONDS)
             except BaseException:
@@ -112,7 +120,7 @@ async def one_run(browser: Any, base_url: str, strategy: str, url: str, run: int
             return joined, time.monotonic() - started
 
         python_task = asyncio.create_task(join_python())
-        tab_join = asyncio.create_task(tab.join(strategy, [url], app_id, "bench"))
+        tab_join = asyncio.create_task(tab.join(strategy, [url], app_id, "bench", debug=debug))
         try:
             room, python_seconds = await python_task
         finally:
@@ -136,7 +144,21 @@ async def one_run(browser: Any, base_url: str, strategy: str, url: str, run: int
             "python_offers": room.self_id < (tab.self_id or ""),
         }
     except Exception as exc:  # a failed run is data, not a crash
-        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
+        failure: dict[str, Any] = {
+            "ok": False,
+            "error": f"{type(exc).__name__}: {exc}"[:500],
+            "python_id": python_id,
+            "tab_id": tab.self_id if tab is not None else None,
+            "python_join_errors": python_errors,
+        }
+        if tab is not None:
+            with contextlib.suppress(Exception):
+                failure["tab_events"] = await asyncio.wait_for(tab.events(), 5)
+                failure["tab_pc_log"] = (await asyncio.wait_for(tab.get("pcLog"), 5))[-20:]
+            if debug:
+                with contextlib.suppress(Exception):
+                    failure["tab_relay_log"] = (await asyncio.wait_for(tab.get("wsLog"), 5))[-60:]
+        return failure
     finally:
         if room is not None:
             with contextlib.suppress(Exception):
@@ -156,7 +178,7 @@ def summarise(values: list[float]) -> dict[str, float] | None:
     }
 
 
-async def bench(strategies: list[str], runs: int) -> dict[str, Any]:
+async def bench(strategies: list[str], runs: int, *, debug: bool = False) -> dict[str, Any]:
     from playwright.async_api import async_playwright  # noqa: PLC0415 - optional dependency
 
     results: dict[str, Any] = {}
@@ -172,7 +194,7 @@ async def bench(strategies: list[str], runs: int) -> dict[str, Any]:
                     for strategy in strategies:
                         with LAUNCHERS[strategy]() as relay:
                             samples = [
-                                await one_run(browser, base_url, strategy, relay.url, run)
+                                await one_run(browser, base_url, strategy, relay.url, run, debug=debug)
                                 for run in range(runs)
                             ]
                         ok = [s for s in samples if s["ok"]]
@@ -202,13 +224,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=STRATEGIES)
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--debug", action="store_true", help="record the tab's relay traffic of failed runs")
     args = parser.parse_args(argv)
     if not os.access(CHROMIUM, os.X_OK):
         print(f"Chromium not found at {CHROMIUM}", file=sys.stderr)
         return 1
     subprocess.run([str(ROOT / "scripts" / "build-web.sh")], check=True)
 
-    results = asyncio.run(bench(args.strategies, args.runs))
+    results = asyncio.run(bench(args.strategies, args.runs, debug=args.debug))
     report = {
         "command": shlex.join([sys.executable, *sys.argv]),
         "host": {

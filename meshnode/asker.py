@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
-import json
 import logging
 import secrets
 import sys
@@ -20,8 +20,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import zstandard
+
 from meshnode.errors import MeshError
-from meshnode.maps import Detokenizer, map_bytes, map_sha256
+from meshnode.maps import Detokenizer, map_sha256, parse_map
 from meshnode.room import Room
 from meshnode.settings import Settings
 from meshnode.wire import legion
@@ -41,6 +43,7 @@ from meshnode.wire.codec import (
 logger = logging.getLogger(__name__)
 
 CAP_GATHER_SECONDS = 1.0
+MAX_MAP_BYTES = 64 * 1024 * 1024
 
 
 class AskError(MeshError):
@@ -124,18 +127,22 @@ async def fetch_map(tools: ToolClient, peer_id: str, cap: legion.Cap, cache_dir:
         if cached.is_file():
             data = cached.read_bytes()
             if map_sha256(data) == map_hash:
-                return dict(json.loads(data))
+                return parse_map(data, expected_sha256=map_hash)
     result = await tools.call(peer_id, "codec_map", {}, new_call_id(), timeout)
     if result.status != "ok" or not result.result:
         raise AskError(f"{peer_id} did not send its tokenizer map: {result.error}")
     content = result.result.get("content", {})
-    document = content.get("document")
-    if not isinstance(document, dict):
-        raise AskError("codec_map result carries no document")
-    data = map_bytes(document)
+    if content.get("encoding") != "zstd+base64" or not isinstance(content.get("data"), str):
+        raise AskError("codec_map result is not zstd+base64 map data")
+    try:
+        packed = base64.b64decode(content["data"], validate=True)
+        data = zstandard.ZstdDecompressor().decompress(packed, max_output_size=MAX_MAP_BYTES)
+    except (ValueError, zstandard.ZstdError) as exc:
+        raise AskError(f"codec_map data is corrupt: {exc}") from exc
     digest = map_sha256(data)
-    if content.get("map_hash") not in (None, digest):
+    if content.get("map_hash") != digest or (isinstance(map_hash, str) and map_hash != digest):
         raise AskError(f"map hash mismatch: advertised {content.get('map_hash')}, got {digest}")
+    document = parse_map(data, expected_sha256=digest)
     with contextlib.suppress(OSError):
         cache_dir.mkdir(parents=True, exist_ok=True)
         (cache_dir / f"{digest[7:]}.json").write_bytes(data)

@@ -129,6 +129,27 @@ def build_parser() -> argparse.ArgumentParser:
     _room_flags(ask, room_required=False)
     _common(ask)
 
+    bench = sub.add_parser("bench", help="measure how many token streams a byte-capped relay carries, per wire mode",
+                           description="Run one serving node and N requesting peers through a real TURN relay "
+                                       "(coturn) on a byte-capped link between network namespaces, and find the "
+                                       "largest N per wire mode that meets the service level. Needs root, coturn, "
+                                       "nftables and iproute2.")
+    from meshnode.bench.command import add_arguments as add_bench_arguments
+
+    add_bench_arguments(bench)
+    _common(bench)
+
+    demo = sub.add_parser("demo", help="the whole system on this machine: relay, node and chat page",
+                          description="Start an embedded Nostr relay on 127.0.0.1, a meshnode serving the model "
+                                      "in a room on it, and the browser chat page; prints the URL.")
+    demo.add_argument("--port", dest="web_port", type=int, default=8080, help="port of the chat page (default 8080; 0 = any)")
+    demo.add_argument("--open", action="store_true", help="open the page in the default browser")
+    demo.add_argument("--ask", metavar="QUESTION",
+                      help="first ask this through the mesh from a Python peer and print the answer")
+    _model_flags(demo)
+    demo.add_argument("--nick", help="name the node shows in the page")
+    _common(demo)
+
     config = sub.add_parser("config", help="show the effective configuration or the defaults")
     config.add_argument("what", choices=["show", "default"],
                         help="show: effective values and their sources; default: print configs/default.toml")
@@ -162,6 +183,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for key, value, source in describe(settings, sources):
                 print(f"{key:<{width}}  {value}  ({source})")
         return 0
+    if args.command == "bench":
+        from meshnode.bench.command import run as run_bench
+
+        return run_bench(args, list(argv) if argv is not None else sys.argv[2:])
     from meshnode import commands
 
     try:

@@ -28,13 +28,22 @@ async def open_engine(settings: Settings, *, progress: bool = True) -> AsyncIter
         resolve_model, m.model, cache_dir=Path(m.cache_dir) if m.cache_dir else None,
         device=m.device, dtype=m.dtype, progress=progress,
     )
-    engine = TorchEngine.from_loaded(
-        loaded,
-        max_concurrent=settings.engine.max_concurrent,
-        max_queue=settings.engine.max_queue,
-        max_prompt_tokens=settings.engine.max_prompt_tokens,
-        max_tokens_limit=settings.engine.max_tokens,
-    )
+    limits: dict[str, Any] = {
+        "max_concurrent": settings.engine.max_concurrent,
+        "max_queue": settings.engine.max_queue,
+        "max_prompt_tokens": settings.engine.max_prompt_tokens,
+        "max_tokens_limit": settings.engine.max_tokens,
+        "max_batch_tokens": settings.engine.max_batch_tokens,
+    }
+    engine_class: Any = TorchEngine
+    if loaded.device.type == "cuda":  # issue 6: slot KV cache + CUDA graphs where the model allows
+        from meshnode.cuda_engine import CudaEngine, supports_model
+
+        if supports_model(loaded.model) is None:
+            # Its KV cache is preallocated per slot: admission is by free slot, not a token sum.
+            engine_class = CudaEngine
+            limits.update(max_batch_tokens=0, progress=progress)
+    engine = engine_class.from_loaded(loaded, **limits)
     async with engine:
         yield engine
 
@@ -76,6 +85,10 @@ async def run(command: str, args: argparse.Namespace, settings: Settings) -> int
         from meshnode.node import run_join
 
         return await run_join(args, settings)
+    if command == "demo":
+        from meshnode.demo import run_demo
+
+        return await run_demo(args, settings)
     if command == "ask":
         from meshnode.asker import run_ask
 

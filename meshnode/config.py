@@ -175,11 +175,26 @@ def _validate(settings: Settings, sources: dict[Key, str]) -> None:
         ("legion", "max_calls_per_peer"),
         ("legion", "calls_per_minute"),
         ("legion", "frame_max_ids"),
+        ("limits", "max_message_bytes"),
+        ("limits", "max_pending_messages_per_peer"),
+        ("limits", "max_pending_bytes_per_peer"),
+        ("limits", "max_queued_messages_per_peer"),
+        ("limits", "max_queued_bytes_per_peer"),
+        ("limits", "max_strikes_per_minute"),
+        ("limits", "max_prompt_chars"),
     ]:
         if getattr(getattr(settings, key[0]), key[1]) < 1:
             raise bad(key, "must be at least 1")
     if settings.engine.max_queue < 0:
         raise bad(("engine", "max_queue"), "must not be negative")
+    for key in [("engine", "max_batch_tokens"), ("limits", "peer_rate_bytes_per_second"),
+                ("limits", "peer_rate_messages_per_second"), ("limits", "max_connections"),
+                ("limits", "ban_seconds")]:
+        if getattr(getattr(settings, key[0]), key[1]) < 0:
+            raise bad(key, "must not be negative (0 turns it off)")
+    limits = settings.limits
+    if limits.max_message_bytes > limits.max_pending_bytes_per_peer:
+        raise bad(("limits", "max_message_bytes"), "must not exceed limits.max_pending_bytes_per_peer")
     if not settings.room.room:
         raise bad(("room", "room"), "must not be empty")
     if not 0 < settings.http.port < 65536:

@@ -49,6 +49,16 @@ import torch
 
 from meshnode.errors import AdmissionError, ModelError
 
+__all__ = [
+    "FinishReason",
+    "GenerationEngine",
+    "SamplingParams",
+    "TokenChunk",
+    "TokenStream",
+    "TorchEngine",
+    "sample_next_token",
+]
+
 logger = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length", "cancel", "error"]
@@ -455,6 +465,8 @@ class _Request:
     next_token: int = -1
     admitted: bool = False
     finished: bool = False
+    reserved: int = 0
+    """KV positions reserved for this request (prompt + max_tokens) under ``max_batch_tokens``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -501,6 +513,7 @@ class TorchEngine:
         max_tokens_limit: int = 2048,
         stream_buffer_chunks: int = DEFAULT_STREAM_BUFFER_CHUNKS,
         prefill_budget_tokens: int = DEFAULT_PREFILL_BUDGET_TOKENS,
+        max_batch_tokens: int = 0,
         name: str = "engine",
     ) -> None:
         """Wrap a loaded model; the worker thread starts on :meth:`start` or the first request.
@@ -518,6 +531,11 @@ class TorchEngine:
             prefill_budget_tokens: Prompt tokens prefilled between two decode steps, so a burst
                 of long prompts does not stall running streams for long (one request is always
                 admitted per step).
+            max_batch_tokens: Memory admission control: the sum of ``len(prompt) + max_tokens``
+                over running and queued requests may not exceed this (the KV cache of the batch
+                is bounded by it, up to left padding); a request that would exceed it is refused
+                as busy instead of risking an out-of-memory failure of the whole batch. 0 = no
+                budget beyond ``max_concurrent`` / ``max_queue``.
             name: Used in the worker thread's name and in logs.
 
         Raises:
@@ -533,6 +551,8 @@ class TorchEngine:
                 raise ValueError(f"{label} must be >= 1, got {value}")
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        if max_batch_tokens < 0:
+            raise ValueError(f"max_batch_tokens must be >= 0, got {max_batch_tokens}")
         self._model = model
         self._tokenizer = tokenizer
         self._model_id = model_id
@@ -546,6 +566,9 @@ class TorchEngine:
         """Longest accepted prompt, in tokens."""
         self.max_tokens_limit = max_tokens_limit
         """Largest accepted ``max_tokens``."""
+        self.max_batch_tokens = max_batch_tokens
+        """Budget of reserved KV positions over running + queued requests (0 = none)."""
+        self._reserved_tokens = 0
         self._buffer_chunks = stream_buffer_chunks
         self._prefill_budget = max(1, prefill_budget_tokens)
         self._name = name
@@ -664,6 +687,12 @@ class TorchEngine:
         """
         tokenizer = self._require_tokenizer()
         return str(tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens))
+
+    @property
+    def reserved_tokens(self) -> int:
+        """KV positions reserved by running and queued requests (see ``max_batch_tokens``)."""
+        with self._cv:
+            return self._reserved_tokens
 
     def load_info(self) -> dict[str, int]:
         """Current load: ``active``, ``queued``, ``max_concurrent``, ``max_queue``."""
@@ -795,6 +824,19 @@ class TorchEngine:
                     f"busy: {self._active} requests running and {len(self._pending)} queued "
                     f"(limits {self.max_concurrent} + {self.max_queue}); retry later"
                 )
+            reserve = len(prompt) + params.max_tokens
+            if self.max_batch_tokens and self._reserved_tokens + reserve > self.max_batch_tokens:
+                if reserve > self.max_batch_tokens:
+                    raise AdmissionError(
+                        f"prompt + max_tokens = {reserve} tokens exceeds this node's batch budget of "
+                        f"{self.max_batch_tokens}",
+                        field="max_tokens",
+                    )
+                raise AdmissionError(
+                    f"busy: batch token budget {self._reserved_tokens}/{self.max_batch_tokens} in use, "
+                    f"this request needs {reserve}; retry later"
+                )
+            self._reserved_tokens += reserve
             self._next_id += 1
             stream = TokenStream(
                 request_id=self._next_id,
@@ -809,6 +851,7 @@ class TorchEngine:
                     prompt=prompt,
                     params=params,
                     stop_token_ids=frozenset(self.eos_ids) | frozenset(params.stop_ids),
+                    reserved=reserve,
                 )
             )
             self._cv.notify_all()
@@ -1142,6 +1185,8 @@ class TorchEngine:
         self._emit(request, upto, reason, matched_stop=matched_stop, error=error)
         if request.admitted:
             self._active -= 1
+        self._reserved_tokens -= request.reserved
+        request.reserved = 0
         logger.debug(
             "request %d finished: %s after %d tokens",
             request.stream.request_id,

@@ -28,6 +28,19 @@ import torch
 
 from meshnode.errors import ModelError
 
+__all__ = [
+    "EMBEDDED_MODEL_ID",
+    "LoadedModel",
+    "collect_eos_ids",
+    "convert_gguf",
+    "cpu_has_native_bf16",
+    "default_cache_dir",
+    "ensure_embedded",
+    "pick_device",
+    "pick_dtype",
+    "resolve_model",
+]
+
 logger = logging.getLogger(__name__)
 
 EMBEDDED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -21,7 +21,7 @@ RELAY_WARNING_SECONDS = 10.0
 
 def room_config(settings: Settings, **overrides: Any) -> RoomConfig:
     """The RoomConfig for the configured room (defaults: the Unstable Legion classic demo)."""
-    r, w = settings.room, settings.webrtc
+    r, w, limits = settings.room, settings.webrtc, settings.limits
     values: dict[str, Any] = dict(
         strategy=r.strategy,
         relay_urls=list(r.relays),
@@ -31,6 +31,16 @@ def room_config(settings: Settings, **overrides: Any) -> RoomConfig:
         ice_servers=list(w.ice_servers),
         host_addresses_mode=w.host_addresses_mode,
         host_addresses=list(w.host_addresses),
+        # Per-peer limits against hostile room members (issue 8; docs/limits.md).
+        max_message_bytes=limits.max_message_bytes,
+        max_pending_messages_per_peer=limits.max_pending_messages_per_peer,
+        max_pending_bytes_per_peer=limits.max_pending_bytes_per_peer,
+        max_queued_messages_per_peer=limits.max_queued_messages_per_peer,
+        max_queued_bytes_per_peer=limits.max_queued_bytes_per_peer,
+        peer_rate_bytes_per_second=float(limits.peer_rate_bytes_per_second),
+        peer_rate_frames_per_second=float(limits.peer_rate_messages_per_second),
+        max_connections=limits.max_connections,
+        ban_seconds=float(limits.ban_seconds),
     )
     values.update(overrides)
     return RoomConfig(**values)
@@ -52,6 +62,9 @@ def service_config(settings: Settings, *, nick: str, model_id: str) -> ServiceCo
         default_max_tokens=engine.default_max_tokens,
         frame_max_ids=legion.frame_max_ids,
         frame_max_delay_seconds=legion.frame_max_delay_ms / 1000.0,
+        max_prompt_chars=settings.limits.max_prompt_chars,
+        max_strikes_per_minute=settings.limits.max_strikes_per_minute,
+        ban_seconds=float(settings.limits.ban_seconds),
     )
 
 
@@ -82,7 +95,7 @@ class Node:
         service = LegionService(room, self.engine, config=service_config(self.settings, nick=nick,
                                                                          model_id=self.info.model_id),
                                 map_id=self.info.map_id, map_hash=map_hash,
-                                map_document=lambda: self.info.map_document)
+                                map_bytes=lambda: self.info.map_bytes)
         self.service = service
         room.on_peer_join(service.peer_joined)
         room.on_peer_leave(service.peer_left)
@@ -108,12 +121,27 @@ class Node:
             logger.info("left room %r", self.settings.room.room)
 
     async def _watch_peers(self, room: Room) -> None:
-        """Say plainly when nobody shows up: usually relays that cannot be reached."""
+        """Say plainly when nobody shows up: usually relays that cannot be reached.
+
+        If no relay is connected after RELAY_WARNING_SECONDS, warn (naming them) every such period
+        until one connects (the adapters keep retrying with backoff meanwhile), then say so.
+        """
         await asyncio.sleep(RELAY_WARNING_SECONDS)
+        warned = False
+        while not any(room.relay_status().values()):
+            status = room.relay_status()
+            logger.warning("none of the %d relay(s) can be reached (%s); retrying in the background with "
+                           "backoff", len(status), ", ".join(status) or "none configured")
+            warned = True
+            await asyncio.sleep(RELAY_WARNING_SECONDS)
+        if warned:
+            up = [url for url, ok in room.relay_status().items() if ok]
+            logger.warning("relay(s) reachable now: %s", ", ".join(up))
         if not room.peers:
-            logger.warning("no peer has joined after %.0f s; check that the relays (%s) are reachable and "
-                           "that tabs use the same appId/room/strategy", RELAY_WARNING_SECONDS,
-                           ", ".join(self.settings.room.relays) or f"{self.settings.room.strategy} defaults")
+            r = self.settings.room
+            logger.info("no peer yet after %.0f s; tabs must use strategy %s, appId %r, room %r and the same "
+                        "relays (%s)", RELAY_WARNING_SECONDS, r.strategy, r.app_id, r.room,
+                        ", ".join(r.relays) or f"{r.strategy} defaults")
 
 
 async def run_join(args: argparse.Namespace, settings: Settings) -> int:

@@ -7,10 +7,10 @@ and the receiver's SCTP acknowledges every packet (~97 B back). So the :class:`P
 
 * **Adaptive coalescing.** One window ``W`` for all streams, the smallest in
   ``[min_window, max_window]`` for which the predicted bytes per second (from the number of
-  streams, how they are grouped into messages, their token rate and :class:`WireCosts`) stay under
-  ``headroom × budget`` and the message rate under ``max_messages_per_second`` (the CPU cost of
-  aiortc's pure-Python SCTP). A stream's first ids go out at once (time to first token); later ids
-  wait at most ``W`` for company.
+  streams, how they are grouped into messages, their token rate, recent stream start-ups and
+  :class:`WireCosts`) stay under ``target_utilisation × budget`` (else ``headroom × budget``) and
+  the message rate under ``max_messages_per_second`` (the CPU cost of aiortc's pure-Python SCTP). A stream's first ids wait at most ``min_window`` (time to first
+  token); later ids wait at most ``W`` for company.
 * **Per-stream streaming zstd** when the asker's HELLO accepts ``zstd`` (one context per stream,
   flushed per message; legion-mesh §2.7).
 * **Multiplexing (meshnode extension, negotiated).** A HELLO with ``accept_mux: 1`` lets all of
@@ -20,6 +20,9 @@ and the receiver's SCTP acknowledges every packet (~97 B back). So the :class:`P
   are that stream's next Codec frame, zstd-compressed in the stream's own context when READY says
   ``compression: "zstd"``. A frame with ``done: true`` ends the stream (no END envelope). Each
   stream keeps its own compression context, so nothing is shared between streams.
+* **No repeated text (meshnode extension, negotiated).** A HELLO with ``result_text: false`` says
+  the tab renders the frames, so the ``engine_run`` result leaves out ``text`` (for a 500-token
+  answer that is ~2.3 KB, as much as all of its frames); READY confirms with ``result_text: false``.
 * **Admission control.** A new stream is admitted only if the budget still holds with it at
   ``max_window``; otherwise it is refused with a reason (``busy: link budget …``) and
   :meth:`Pacer.available` is false (the service advertises ``cap.available = false``), so goodput
@@ -36,12 +39,14 @@ import asyncio
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import msgpack
 
+from meshnode.errors import MeshError
 from meshnode.wire.codec import (
     CodecFrame,
     Envelope,
@@ -54,9 +59,11 @@ from meshnode.wire.codec import (
 logger = logging.getLogger(__name__)
 
 MUX_FIELD = "accept_mux"
+RESULT_TEXT_FIELD = "result_text"
 MAX_PENDING_IDS_PER_STREAM = 4096
 TERMINAL_FLUSH_TIMEOUT_SECONDS = 30.0
 """Longest a stream's last frame may wait to go out before the stream gives up."""
+REPLAN_SECONDS = 0.5
 SCTP_USER_DATA_BYTES = 1160
 """aiortc's largest DATA chunk payload (``USERDATA_MAX_LENGTH``): bigger messages take more packets."""
 
@@ -101,6 +108,10 @@ class StreamPolicy(Protocol):
         """The stream is over (finished, failed or cancelled); idempotent."""
         ...
 
+    def result_content(self, peer_id: str, stream_id: str, content: dict[str, Any]) -> dict[str, Any]:
+        """The engine_run result content to send once the stream has ended (may drop ``text``)."""
+        ...
+
 
 # -- the cost model ---------------------------------------------------------------------------------
 
@@ -136,12 +147,26 @@ class PacingConfig:
 
     budget_bytes_per_second: float
     """The link's byte budget per direction (0: unknown — windows stay at ``min_window``, no admission)."""
-    headroom: float = 0.8
-    """Plan for this fraction of the budget (control traffic, retransmissions, estimate errors)."""
+    headroom: float = 0.85
+    """Admit streams while they fit this fraction of the budget at ``max_window`` (the rest is for
+    control traffic, retransmissions and estimate errors)."""
+    target_utilisation: float = 0.65
+    """Choose the window for this fraction of the budget when ``max_window`` allows it; above it
+    the window only widens as far as ``headroom`` needs (queues on a full link cost latency)."""
+    stream_control_bytes: int = 1400
+    """Bytes a stream costs on the link besides its frames, once per stream: READY, the engine_run
+    result, acknowledgements of the asker's HELLO and call (measured by ``meshnode bench``)."""
+    stream_seconds: float = 20.0
+    """Expected stream lifetime until measured: spreads ``stream_control_bytes`` for admission."""
+    startup_seconds: float = 2.0
+    """Over how long a start-up's control bytes are spread when planning the window."""
+    reopen_fraction: float = 0.05
+    """Hysteresis: once full, ``available`` turns true again only when this fraction of the admitted
+    streams (at least one) could still be added, so ``cap.available`` does not flap."""
     token_rate: float = 30.0
     """Expected tokens per second per stream until measured."""
     min_window_seconds: float = 0.05
-    max_window_seconds: float = 0.45
+    max_window_seconds: float = 0.4
     """Upper bound of the coalescing window: the latency promise (p95 inter-token delay)."""
     max_messages_per_second: float = 400.0
     """Message-rate ceiling for the node (aiortc's SCTP/DTLS is pure Python: ~1 ms of CPU per message)."""
@@ -257,13 +282,17 @@ class _Unit:
         for slot in self.slots.values():
             if not slot.pending and slot.finish is None:
                 continue
-            if not slot.started or slot.pending_since is None:
-                return asyncio.get_running_loop().time()  # first frame / terminal without ids: now
-            at = slot.pending_since + self.pacer.window
+            if slot.pending_since is None:
+                return asyncio.get_running_loop().time()  # a terminal frame without ids: now
+            # A stream's first ids wait only the shortest window (time to first token), so that
+            # streams starting together still share a message.
+            wait = self.pacer.window if slot.started else self.pacer.config.min_window_seconds
+            at = slot.pending_since + wait
             due = at if due is None else min(due, at)
         return due
 
     async def _flush(self) -> None:
+        self.pacer.maybe_replan()
         ready = [s for s in self.slots.values() if s.pending or s.finish is not None]
         if not ready:
             return
@@ -317,6 +346,9 @@ class PacerStats:
     admitted: int = 0
     refused: int = 0
     windows: list[float] = field(default_factory=list)
+    peak_streams: int = 0
+    capacity_hint: float | None = None
+    """At the peak, how many streams of that mix the model would admit."""
 
     def record_message(self, size: int) -> None:
         self.messages += 1
@@ -324,7 +356,8 @@ class PacerStats:
 
     def as_dict(self) -> dict[str, Any]:
         return {"messages": self.messages, "payload_bytes": self.payload_bytes, "tokens": self.tokens,
-                "admitted": self.admitted, "refused": self.refused,
+                "admitted": self.admitted, "refused": self.refused, "peak_streams": self.peak_streams,
+                "capacity_hint": None if self.capacity_hint is None else round(self.capacity_hint, 1),
                 "window_ms": {"min": round(min(self.windows) * 1000, 1) if self.windows else None,
                               "max": round(max(self.windows) * 1000, 1) if self.windows else None,
                               "last": round(self.windows[-1] * 1000, 1) if self.windows else None}}
@@ -376,8 +409,12 @@ class _PacedSink:
         self._unit.ensure_running()
         self.frames_sent += 1
         if slot.flushed is not None:
-            async with asyncio.timeout(TERMINAL_FLUSH_TIMEOUT_SECONDS):
-                await asyncio.shield(slot.flushed)
+            try:
+                async with asyncio.timeout(TERMINAL_FLUSH_TIMEOUT_SECONDS):
+                    await asyncio.shield(slot.flushed)
+            except TimeoutError:
+                raise MeshError(f"stream {slot.stream_id}: last frame not sent within "
+                                f"{TERMINAL_FLUSH_TIMEOUT_SECONDS:.0f} s") from None
 
 
 class Pacer:
@@ -400,6 +437,13 @@ class Pacer:
         self._negotiated: dict[tuple[str, str], _Negotiated] = {}
         self._reserved: dict[tuple[str, str], _Shape] = {}  # admitted and not yet released
         self._tags: dict[tuple[str, str], int] = {}
+        self._no_text: set[tuple[str, str]] = set()
+        self._admitted_at: deque[float] = deque(maxlen=4096)
+        self._opened_at: dict[tuple[str, str], float] = {}
+        self._lifetime = config.stream_seconds
+        self._planned_at = 0.0
+        self._full = False
+        self._mux_seq: dict[str, int] = {}
         self._mux_ids: dict[str, str] = {}
         self._mux_tags: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -425,32 +469,73 @@ class Pacer:
         """Tokens per second per stream: the configured rate (the replay or engine speed)."""
         return self.config.token_rate
 
-    def _fits(self, loads: list[_UnitLoad], window: float) -> bool:
+    def _predict(self, loads: list[_UnitLoad], window: float) -> tuple[float, float, float]:
+        """Frames (the cost model) plus every stream's control bytes spread over its lifetime."""
+        out, back, messages = predict(loads, window, self.rate(), self.config.costs)
+        streams = sum(load.streams for load in loads)
+        return out + streams * self.config.stream_control_bytes / max(1.0, self._lifetime), back, messages
+
+    def _fits(self, loads: list[_UnitLoad], window: float, fraction: float, extra_bytes_per_second: float = 0.0) -> bool:
         config = self.config
-        out, back, messages = predict(loads, window, self.rate(), config.costs)
-        limit = config.headroom * config.budget_bytes_per_second
-        return out <= limit and back <= limit and messages <= config.max_messages_per_second
+        out, back, messages = self._predict(loads, window)
+        limit = fraction * config.budget_bytes_per_second
+        return out + extra_bytes_per_second <= limit and back <= limit and messages <= config.max_messages_per_second
+
+    def capacity_hint(self) -> float | None:
+        """How many streams of the current mix would fit at ``max_window`` (None without streams)."""
+        loads = self._loads()
+        streams = sum(load.streams for load in loads)
+        if not streams or self.config.budget_bytes_per_second <= 0:
+            return None
+        out, _, messages = self._predict(loads, self.config.max_window_seconds)
+        scale = min(self.config.headroom * self.config.budget_bytes_per_second / max(out, 1e-9),
+                    self.config.max_messages_per_second / max(messages, 1e-9))
+        return streams * scale
+
+    def _startup_load(self) -> float:
+        """Bytes per second still owed to recent stream start-ups and refusals (READY, results)."""
+        horizon = self.clock() - self.config.startup_seconds
+        while self._admitted_at and self._admitted_at[0] < horizon:
+            self._admitted_at.popleft()
+        return len(self._admitted_at) * self.config.stream_control_bytes / self.config.startup_seconds
 
     def plan_window(self) -> float:
-        """The smallest window in [min, max] that fits the budget with the current streams."""
+        """The smallest window in [min, max] that keeps the predicted load at the target
+        utilisation (or, if even the widest window cannot, at the admission headroom)."""
         config = self.config
         lo, hi = config.min_window_seconds, config.max_window_seconds
         loads = self._loads()
-        if config.budget_bytes_per_second <= 0 or not loads or self._fits(loads, lo):
+        if config.budget_bytes_per_second <= 0 or not loads:
             return lo
-        if not self._fits(loads, hi):
-            return hi
-        for _ in range(20):  # predicted cost falls as the window grows: bisect
-            mid = (lo + hi) / 2
-            if self._fits(loads, mid):
-                hi = mid
-            else:
-                lo = mid
+        startup = self._startup_load()
+        for fraction in (config.target_utilisation, config.headroom):
+            if self._fits(loads, lo, fraction, startup):
+                return lo
+            if not self._fits(loads, hi, fraction, startup):
+                continue
+            low, high = lo, hi
+            for _ in range(20):  # predicted cost falls as the window grows: bisect
+                mid = (low + high) / 2
+                if self._fits(loads, mid, fraction, startup):
+                    high = mid
+                else:
+                    low = mid
+            return high
         return hi
 
     def _replan(self) -> None:
+        self._planned_at = self.clock()
         self.window = self.plan_window()
         self.stats.windows.append(self.window)
+        streams = len(self._reserved)
+        if streams >= self.stats.peak_streams:
+            self.stats.peak_streams = streams
+            self.stats.capacity_hint = self.capacity_hint()
+
+    def maybe_replan(self) -> None:
+        """Re-plan at most every REPLAN_SECONDS (start-up load fades as time passes)."""
+        if self.clock() - self._planned_at >= REPLAN_SECONDS:
+            self._replan()
 
     # -- StreamPolicy -------------------------------------------------------------------------------
 
@@ -461,7 +546,10 @@ class Pacer:
             oldest = sorted(self._negotiated.items(), key=lambda kv: kv[1].when)[:1024]
             for key, _ in oldest:
                 self._negotiated.pop(key, None)
-        extra: dict[str, Any] = {"window_ms": round(self.window * 1000)}
+        extra: dict[str, Any] = {}
+        if body.get(RESULT_TEXT_FIELD) is False and len(self._no_text) < 4096:
+            self._no_text.add((peer_id, stream_id))
+            extra[RESULT_TEXT_FIELD] = False
         if mux:
             mux_id = self._mux_ids.setdefault(peer_id, f"mx-{len(self._mux_ids) + 1}")
             tag = self._mux_tags.get(peer_id, 0) + 1
@@ -475,12 +563,14 @@ class Pacer:
         config = self.config
         if config.admission and config.budget_bytes_per_second > 0:
             loads = self._loads(extra=(peer_id, shape))
-            if not self._fits(loads, config.max_window_seconds):
+            if not self._fits(loads, config.max_window_seconds, config.headroom):
                 self.stats.refused += 1
+                self._admitted_at.append(self.clock())  # its READY and refusal cost bytes too
                 streams = len(self._reserved)
                 return (f"busy: link budget {config.budget_bytes_per_second:.0f} B/s is full "
                         f"({streams} streams running); retry when cap.available is true")
         self._reserved[(peer_id, stream_id)] = shape
+        self._admitted_at.append(self.clock())
         self.stats.admitted += 1
         self._replan()
         return None
@@ -490,7 +580,11 @@ class Pacer:
         if not config.admission or config.budget_bytes_per_second <= 0:
             return True
         probe = _Shape(mux=config.multiplex, negotiated=True, compressed=True)
-        return self._fits(self._loads(extra=("\x00probe", probe)), config.max_window_seconds)
+        room = 1 if not self._full else max(1, round(config.reopen_fraction * len(self._reserved)))
+        loads = self._loads()  # plus `room` newcomers, each on a peer of its own (the costly case)
+        loads.extend(_UnitLoad(streams=1, mux=probe.mux, negotiated=True, compressed=True) for _ in range(room))
+        self._full = not self._fits(loads, config.max_window_seconds, config.headroom)
+        return not self._full
 
     def _shape(self, peer_id: str, stream_id: str) -> _Shape:
         info = self._negotiated.get((peer_id, stream_id))
@@ -506,12 +600,14 @@ class Pacer:
         info = self._negotiated.pop((peer_id, stream_id), None)
         mux = bool(info and info.mux)
         zstd = compression == "zstd"
+        self._opened_at[(peer_id, stream_id)] = self.clock()
         if mux:
             key = self._mux_ids[peer_id]
             unit = self._units.get((peer_id, key))
             if unit is None:
                 unit = self._units[(peer_id, key)] = _Unit(self, action, peer_id, key, mux=True, negotiated=True,
                                                            compressed=zstd)
+                unit.seq = self._mux_seq.get(peer_id, 2)  # one multiplex stream per peer: n keeps counting
         else:
             unit = self._units[(peer_id, stream_id)] = _Unit(self, action, peer_id, stream_id, mux=False,
                                                              negotiated=negotiated, compressed=zstd)
@@ -522,6 +618,9 @@ class Pacer:
         return _PacedSink(unit, slot)
 
     def release(self, peer_id: str, stream_id: str) -> None:
+        opened = self._opened_at.pop((peer_id, stream_id), None)
+        if opened is not None:  # learn how long streams live (spreads their control bytes)
+            self._lifetime = 0.9 * self._lifetime + 0.1 * max(1.0, self.clock() - opened)
         if self._reserved.pop((peer_id, stream_id), None) is not None:
             self._replan()
         self._negotiated.pop((peer_id, stream_id), None)
@@ -532,6 +631,12 @@ class Pacer:
                 if slot.flushed is not None and not slot.flushed.done():
                     slot.flushed.cancel()
                 unit.wake.set()
+
+    def result_content(self, peer_id: str, stream_id: str, content: dict[str, Any]) -> dict[str, Any]:
+        if (peer_id, stream_id) in self._no_text:
+            self._no_text.discard((peer_id, stream_id))
+            return {key: value for key, value in content.items() if key != "text"}
+        return content
 
     # -- tasks --------------------------------------------------------------------------------------
 
@@ -547,6 +652,8 @@ class Pacer:
             logger.warning("pacing task %s failed: %r", task.get_name(), task.exception())
 
     def _drop_unit(self, unit: _Unit) -> None:
+        if unit.mux:
+            self._mux_seq[unit.peer_id] = unit.seq
         if self._units.get((unit.peer_id, unit.key)) is unit and not unit.slots:
             del self._units[(unit.peer_id, unit.key)]
 

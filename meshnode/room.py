@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
+import time
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Literal, Self, TypeVar
@@ -38,6 +39,7 @@ from meshnode.transport.peer import (
     HostAddressMode,
     IceServerSpec,
     NegotiationFailed,
+    PeerClosed,
     PeerError,
     PeerLink,
     install_host_address_override,
@@ -89,6 +91,8 @@ MAX_BACKLOG_NAMES = 16
 MAX_BACKLOG_PER_NAME = 32
 MAX_HSDATA_QUEUED = 4
 MAX_JOIN_ERRORS = 64
+MAX_BANNED_PEERS = 1024
+"""Banned peer ids remembered at once (oldest forgotten first)."""
 LEAVE_SEND_TIMEOUT_SECONDS = 2.0
 """Bound on sending @_leave / presence(0) while leaving."""
 LINK_FLUSH_TIMEOUT_SECONDS = 1.0
@@ -167,7 +171,29 @@ class RoomConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     """Largest accepted action message (reassembled)."""
     max_pending_messages_per_peer: int = DEFAULT_MAX_PENDING_MESSAGES_PER_PEER
+    """Incomplete (partially received) messages kept per peer; the oldest is evicted beyond."""
     max_pending_bytes_per_peer: int = DEFAULT_MAX_PENDING_BYTES_PER_PEER
+    """Bytes of incomplete messages kept per peer; the oldest is evicted beyond."""
+    max_queued_messages_per_peer: int = 0
+    """Received messages one peer may have waiting in one action's queue; beyond, that peer's new
+    messages are dropped, so one flooding peer cannot push others out (0 = no per-peer bound)."""
+    max_queued_bytes_per_peer: int = 0
+    """Bytes one peer may have waiting in one action's queue (0 = no per-peer bound)."""
+    max_backlog_bytes: int = 1024 * 1024
+    """Bytes kept for messages of actions nobody registered yet (P18); beyond, they are dropped."""
+    peer_rate_bytes_per_second: float = 0.0
+    """Sustained inbound bytes per second allowed per connection; a peer that exhausts its burst
+    is disconnected and banned (0 = unlimited)."""
+    peer_burst_bytes: int = 0
+    """Inbound byte burst per connection (defaults to 2 × max_message_bytes when a rate is set)."""
+    peer_rate_frames_per_second: float = 0.0
+    """Sustained inbound data-channel messages per second per connection (0 = unlimited)."""
+    peer_burst_frames: int = 0
+    """Inbound message burst per connection (defaults to 4 s of the rate when a rate is set)."""
+    max_connections: int = 0
+    """Open plus negotiating connections of this app; further peers are refused (0 = unlimited)."""
+    ban_seconds: float = 60.0
+    """How long a peer dropped for abuse is refused (signals and connections ignored)."""
 
     def __post_init__(self) -> None:
         for key in ("strategy", "app_id", "room_id"):
@@ -214,38 +240,80 @@ T = TypeVar("T")
 
 
 class _Mailbox(Generic[T]):
-    """A bounded FIFO with one overflow policy (drop the newest, logged) and a closed state."""
+    """A bounded FIFO with one overflow policy (drop the newest, logged) and a closed state.
 
-    def __init__(self, maxsize: int, what: str) -> None:
-        self._items: deque[T] = deque()
+    Optionally also bounded per sender (`per_key_messages` / `per_key_bytes`): a message whose
+    sender already has that much waiting is dropped, so one flooding peer fills only its own share
+    and other peers' messages still get in.
+    """
+
+    def __init__(
+        self,
+        maxsize: int,
+        what: str,
+        *,
+        per_key_messages: int = 0,
+        per_key_bytes: int = 0,
+        drop_oldest: bool = False,
+    ) -> None:
+        self._drop_oldest = drop_oldest
+        """History queues (peer events) keep the newest items and drop quietly: a node that never
+        reads `next_event()` must not log a warning for every hundred joins forever."""
+        self._items: deque[tuple[T, str | None, int]] = deque()
         self._maxsize = maxsize
         self._what = what
+        self._per_key_messages = per_key_messages
+        self._per_key_bytes = per_key_bytes
+        self._queued: dict[str, list[int]] = {}  # key -> [messages, bytes] waiting
         self._ready = asyncio.Event()
         self._closed = False
         self.dropped = 0
 
-    def put(self, item: T) -> bool:
+    def put(self, item: T, *, key: str | None = None, size: int = 0) -> bool:
         if self._closed:
             return False
-        if len(self._items) >= self._maxsize:
+        queued = self._queued.get(key) if key is not None else None
+        over_key = queued is not None and (
+            (self._per_key_messages and queued[0] >= self._per_key_messages)
+            or (self._per_key_bytes and queued[1] + size > self._per_key_bytes)
+        )
+        if self._drop_oldest and len(self._items) >= self._maxsize and not over_key:
+            self._items.popleft()  # keys are not used with drop_oldest
+            self.dropped += 1
+        elif len(self._items) >= self._maxsize or over_key:
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 100 == 0:
                 logger.warning(
-                    "%s queue is full (%d); %s policy dropped %d message(s) so far",
+                    "%s queue is full (%s); %s policy dropped %d message(s) so far",
                     self._what,
-                    self._maxsize,
+                    f"sender {key}" if over_key else self._maxsize,
                     ACTION_QUEUE_OVERFLOW,
                     self.dropped,
                 )
             return False
-        self._items.append(item)
+        self._items.append((item, key, size))
+        if key is not None:
+            entry = self._queued.setdefault(key, [0, 0])
+            entry[0] += 1
+            entry[1] += size
         self._ready.set()
         return True
+
+    def queued_by(self, key: str) -> int:
+        """Messages from `key` waiting now."""
+        entry = self._queued.get(key)
+        return entry[0] if entry else 0
 
     async def get(self) -> T:
         while True:
             if self._items:
-                item = self._items.popleft()
+                item, key, size = self._items.popleft()
+                if key is not None:
+                    entry = self._queued[key]
+                    entry[0] -= 1
+                    entry[1] -= size
+                    if entry[0] <= 0:
+                        del self._queued[key]
                 if not self._items and not self._closed:
                     self._ready.clear()
                 return item
@@ -277,7 +345,10 @@ class Action:
         self._name_field = encode_name(name)
         self._nonce = 0  # per action and per room instance, from 0, wrapping (P13)
         self._mailbox: _Mailbox[ActionMessage] = _Mailbox(
-            room.config.action_queue_size, f"action {name!r}"
+            room.config.action_queue_size,
+            f"action {name!r}",
+            per_key_messages=room.config.max_queued_messages_per_peer,
+            per_key_bytes=room.config.max_queued_bytes_per_peer,
         )
 
     def __repr__(self) -> str:
@@ -342,9 +413,61 @@ class _Binding:
     link: PeerLink
     joined: bool = False
     remote_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    local_ready: bool = False
+    """Our side of the handshake passed and our @_hsready went out."""
     hsdata: _Mailbox[Any] = field(default_factory=lambda: _Mailbox(MAX_HSDATA_QUEUED, "@_hsdata"))
     task: asyncio.Task[Any] | None = None
     pings: deque[asyncio.Future[None]] = field(default_factory=deque)
+
+
+# -- inbound flood control -------------------------------------------------------------------------
+
+
+class _Bucket:
+    """Token bucket: `rate` units per second, at most `burst` saved up (sans-IO, clock injected)."""
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.stamp = now
+
+    def take(self, amount: float, now: float) -> bool:
+        """Spend `amount`; False (nothing spent) when the bucket cannot cover it."""
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if amount > self.tokens:
+            return False
+        self.tokens -= amount
+        return True
+
+
+@dataclass(eq=False)
+class _InboundLimits:
+    """Per-connection inbound budget: bytes and data-channel messages (None = unlimited)."""
+
+    bytes: _Bucket | None
+    frames: _Bucket | None
+
+    def admit(self, size: int, now: float) -> str | None:
+        """Account one received message; a reason string when the peer went over its budget."""
+        if self.frames is not None and not self.frames.take(1, now):
+            return f"more than {self.frames.rate:g} messages/s (burst {self.frames.burst:g})"
+        if self.bytes is not None and not self.bytes.take(size, now):
+            return f"more than {self.bytes.rate:g} bytes/s (burst {self.bytes.burst:g})"
+        return None
+
+
+def _inbound_limits(configs: Iterable[RoomConfig], now: float) -> _InboundLimits:
+    """The tightest limits among the rooms that share a connection."""
+    byte_rates = [(c.peer_rate_bytes_per_second, c.peer_burst_bytes or 2 * c.max_message_bytes)
+                  for c in configs if c.peer_rate_bytes_per_second > 0]
+    frame_rates = [(c.peer_rate_frames_per_second, c.peer_burst_frames or 4 * c.peer_rate_frames_per_second)
+                   for c in configs if c.peer_rate_frames_per_second > 0]
+    return _InboundLimits(
+        bytes=_Bucket(*min(byte_rates), now) if byte_rates else None,
+        frames=_Bucket(*min(frame_rates), now) if frame_rates else None,
+    )
 
 
 # -- shared connections per (selfId, appId) --------------------------------------------------------
@@ -361,6 +484,10 @@ class _AppMesh:
         self.rooms: dict[str, Room] = {}  # by room token
         self.live: dict[str, PeerLink] = {}  # open links by remote peer id
         self.pending: dict[PeerLink, Room] = {}  # negotiating link -> room that created it
+        self.banned: OrderedDict[str, float] = OrderedDict()  # peer id -> monotonic time ban ends
+        self.dropped_peers = 0
+        """Connections closed for abuse (flood limits, Room.drop_peer)."""
+        self._limits: dict[PeerLink, _InboundLimits] = {}
         self._idle_timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks = TaskOwner(f"mesh[{self_id[:8]}:{app_id}]")
 
@@ -457,7 +584,14 @@ class _AppMesh:
             logger.info("second connection to %s opened; keeping the first", peer_id)
             self._tasks.spawn(link.close(), "close")
             return
+        if self.is_banned(peer_id):
+            logger.info("closing a connection from banned peer %s", peer_id)
+            self._tasks.spawn(link.close(), "close-banned")
+            return
         self.live[peer_id] = link
+        self._limits[link] = _inbound_limits(
+            (room.config for room in self.rooms.values()), time.monotonic()
+        )
         logger.info("connected to %s (app %s)", peer_id, self.app_id)
         if origin is not None:
             origin._strategy_release(peer_id, link)
@@ -477,6 +611,12 @@ class _AppMesh:
         peer_id = link.peer_id
         if peer_id is None or self.live.get(peer_id) is not link:
             return
+        limits = self._limits.get(link)
+        if limits is not None:
+            over = limits.admit(len(data), time.monotonic())
+            if over is not None:
+                self.drop_peer(peer_id, f"inbound flood: {over}")
+                return
         try:
             frame = decode_frame(data)
         except MeshError as exc:  # FrameError: remote garbage
@@ -496,6 +636,7 @@ class _AppMesh:
         peer_id = link.peer_id
         if origin is not None and peer_id is not None:
             origin._strategy_release(peer_id, link)
+        self._limits.pop(link, None)
         if peer_id is None or self.live.get(peer_id) is not link:
             return
         del self.live[peer_id]
@@ -535,6 +676,41 @@ class _AppMesh:
             timer.cancel()
         self._check_idle(peer_id)
 
+    # -- abuse -------------------------------------------------------------------------------------
+
+    def is_banned(self, peer_id: str) -> bool:
+        until = self.banned.get(peer_id)
+        if until is None:
+            return False
+        if time.monotonic() >= until:
+            del self.banned[peer_id]
+            return False
+        return True
+
+    def at_capacity(self) -> bool:
+        """True when no further connection may be negotiated (RoomConfig.max_connections)."""
+        limits = [r.config.max_connections for r in self.rooms.values() if r.config.max_connections > 0]
+        return bool(limits) and len(self.live) + len(self.pending) >= min(limits)
+
+    def drop_peer(self, peer_id: str, reason: str, ban_seconds: float | None = None) -> None:
+        """Close the connection to `peer_id` (every room sees it leave) and refuse it for a while."""
+        if ban_seconds is None:
+            ban_seconds = max((r.config.ban_seconds for r in self.rooms.values()), default=60.0)
+        if ban_seconds > 0:
+            self.banned[peer_id] = time.monotonic() + ban_seconds
+            self.banned.move_to_end(peer_id)
+            while len(self.banned) > MAX_BANNED_PEERS:
+                self.banned.popitem(last=False)
+        links = [link for link in (self.live.get(peer_id), *self.pending) if link is not None
+                 and link.peer_id == peer_id]
+        if not links:
+            return
+        self.dropped_peers += 1
+        logger.warning("dropping peer %s: %s (refused for %.0f s)", peer_id, reason, ban_seconds)
+        for link in links:
+            self._limits.pop(link, None)
+            self._tasks.spawn(link.close(), f"drop[{peer_id[:8]}]")
+
     async def _close_link(self, link: PeerLink) -> None:
         await link.flush(LINK_FLUSH_TIMEOUT_SECONDS)
         await link.close()
@@ -566,21 +742,36 @@ class _RoomPeerFactory:
         self._room._bind(peer_id, link, send_presence=True)
         return True
 
+    def _refuse(self, peer_id: str | None) -> None:
+        if peer_id is not None and self._mesh.is_banned(peer_id):
+            raise SignalingError(f"peer {peer_id} is banned for abuse")
+        if self._mesh.at_capacity():
+            raise SignalingError("connection limit reached (room.max_connections)")
+
     async def create_offer(self, peer_id: str | None) -> tuple[PeerLink, str]:
+        self._refuse(peer_id)
         link = self._mesh.new_link(self._room, peer_id)
         try:
             return link, await link.create_offer()
+        except PeerClosed as exc:  # closed while gathering (leaving): nothing to report
+            raise SignalingError(str(exc)) from exc
+        except NegotiationFailed as exc:
+            await link.close()
+            raise NegotiationError(str(exc)) from exc
         except BaseException:
             await link.close()
             raise
 
     async def accept_offer(self, peer_id: str, sdp: str) -> tuple[PeerLink, str]:
+        self._refuse(peer_id)
         link = self._mesh.new_link(self._room, peer_id)
         try:
             return link, await link.accept_offer(sdp)
         except NegotiationFailed as exc:  # the remote's SDP: the engine logs it as a warning
             await link.close()
             raise NegotiationError(str(exc)) from exc
+        except PeerClosed as exc:  # closed while gathering (leaving): nothing to report
+            raise SignalingError(str(exc)) from exc
         except BaseException:
             await link.close()
             raise
@@ -632,8 +823,11 @@ class Room:
         self._bindings: dict[str, _Binding] = {}
         self._actions: dict[str, Action] = {}
         self._internal: dict[str, Action] = {}
-        self._backlog: dict[str, deque[ActionMessage]] = {}
-        self._events: _Mailbox[PeerEvent] = _Mailbox(config.event_queue_size, "peer events")
+        self._backlog: dict[str, deque[tuple[ActionMessage, int]]] = {}
+        self._backlog_bytes = 0
+        self._events: _Mailbox[PeerEvent] = _Mailbox(
+            config.event_queue_size, "peer events", drop_oldest=True
+        )
         self._join_callbacks: list[PeerCallback] = []
         self._leave_callbacks: list[PeerCallback] = []
         self._error_callbacks: list[JoinErrorCallback] = []
@@ -779,10 +973,10 @@ class Room:
             await asyncio.sleep(self.config.leave_flush_seconds)  # let @_leave land (§9.2)
         for binding in list(self._bindings.values()):
             self._unbind(binding.peer_id, emit=False)
+        if self._strategy is not None:  # stop signalling first: no new negotiations
+            await self._strategy.close()
         if self._mesh is not None:
             await self._mesh.remove_room(self)
-        if self._strategy is not None:
-            await self._strategy.close()
         await self._tasks.aclose()
         self._reassembler.clear()
         for action in [*self._actions.values(), *self._internal.values()]:
@@ -853,6 +1047,27 @@ class Room:
                 self._peer_waiters.remove(entry)
         return self.peers
 
+    def drop_peer(self, peer_id: str, reason: str, ban_seconds: float | None = None) -> None:
+        """Disconnect a misbehaving peer and refuse it for `ban_seconds` (``config.ban_seconds``).
+
+        The connection is shared by every room of the app, so the peer leaves all of them; its
+        signals and connection attempts are ignored until the ban ends. Logged at WARNING.
+        """
+        if self._mesh is not None:
+            self._mesh.drop_peer(peer_id, reason, ban_seconds)
+
+    def relay_status(self) -> dict[str, bool]:
+        """Whether each relay URL is connected right now."""
+        strategy = self._strategy
+        if strategy is None:
+            return {}
+        return {str(getattr(r, "url", "?")): bool(getattr(r, "connected", False)) for r in strategy.relays}
+
+    @property
+    def connections(self) -> int:
+        """Open WebRTC connections of this room's app mesh (shared by its rooms)."""
+        return len(self._mesh.live) if self._mesh is not None else 0
+
     async def ping(self, peer_id: str, timeout: float = 10.0) -> float:
         """Round-trip time in seconds of ``@_ping`` / ``@_pong`` to a joined peer."""
         self._check_open()
@@ -922,6 +1137,7 @@ class Room:
                 if self.config.password:
                     await self._password_step(binding)
                 await self._send_internal(binding, HSREADY, "")
+                binding.local_ready = True
                 await binding.remote_ready.wait()  # §8.6 step 4: both sides ready
         except TimeoutError:
             logger.warning(
@@ -944,10 +1160,21 @@ class Room:
             logger.debug("handshake with %s aborted: %s", peer_id, exc)
             self._unbind(peer_id, emit=False, binding=binding)
             return
-        if self._bindings.get(peer_id) is binding and self._state == "joined":
-            binding.joined = True
-            logger.info("peer %s joined room %r", peer_id, self.config.room_id)
-            self._emit("join", peer_id)
+        self._complete_join(binding)
+
+    def _complete_join(self, binding: _Binding) -> None:
+        """Both sides are ready: the peer joins (once).
+
+        Called synchronously when the remote @_hsready arrives after ours went out, so that an
+        application message right behind it in the same ordered channel is accepted rather than
+        dropped as "before join" (the handshake task would only resume on a later loop turn).
+        """
+        peer_id = binding.peer_id
+        if binding.joined or self._bindings.get(peer_id) is not binding or self._state != "joined":
+            return
+        binding.joined = True
+        logger.info("peer %s joined room %r", peer_id, self.config.room_id)
+        self._emit("join", peer_id)
 
     async def _password_step(self, binding: _Binding) -> None:
         config = self.config
@@ -1043,6 +1270,8 @@ class Room:
                 binding.hsdata.put(delivery.payload)
         elif name == HSREADY:
             binding.remote_ready.set()
+            if binding.local_ready:
+                self._complete_join(binding)
         elif name == LEAVE:
             self._unbind(peer_id, emit=True)
         elif not binding.joined:
@@ -1066,9 +1295,9 @@ class Room:
             )
             action = self._actions.get(name)
             if action is not None:
-                action._mailbox.put(message)
+                action._mailbox.put(message, key=peer_id, size=delivery.size)
             else:
-                self._keep_unclaimed(name, message)
+                self._keep_unclaimed(name, message, delivery.size)
 
     async def _rerun_responder(self, binding: _Binding, payload: Any) -> None:
         if self.config.password and self.self_id > binding.peer_id:
@@ -1078,14 +1307,22 @@ class Room:
                 return
         await self._send_internal(binding, HSREADY, "")
 
-    def _keep_unclaimed(self, name: str, message: ActionMessage) -> None:
+    def _keep_unclaimed(self, name: str, message: ActionMessage, size: int) -> None:
+        """Keep an early message for an unregistered action, within count and byte bounds (P18)."""
         backlog = self._backlog.get(name)
         if backlog is None:
             if len(self._backlog) >= MAX_BACKLOG_NAMES:
                 logger.debug("dropping message for unknown action %r", name)
                 return
-            backlog = self._backlog[name] = deque(maxlen=MAX_BACKLOG_PER_NAME)
-        backlog.append(message)
+            backlog = self._backlog[name] = deque()
+        if self._backlog_bytes + size > self.config.max_backlog_bytes:
+            logger.debug("dropping message for unknown action %r: backlog is full", name)
+            return
+        if len(backlog) >= MAX_BACKLOG_PER_NAME:
+            _, old_size = backlog.popleft()
+            self._backlog_bytes -= old_size
+        backlog.append((message, size))
+        self._backlog_bytes += size
 
     def _on_inband_signal(self, binding: _Binding, payload: Any) -> None:
         """``@_signal``: apply late trickled candidates; media renegotiation is not supported."""
@@ -1124,8 +1361,9 @@ class Room:
         action = self._actions.get(name)
         if action is None:
             action = self._actions[name] = Action(self, name)
-            for message in self._backlog.pop(name, ()):
-                action._mailbox.put(message)
+            for message, size in self._backlog.pop(name, ()):
+                self._backlog_bytes -= size
+                action._mailbox.put(message, key=message.peer_id, size=size)
         return action
 
     def _internal_action(self, name: str) -> Action:

@@ -44,6 +44,14 @@ ROSTER_TTL_SECONDS = 90.0
 HELLO_TTL_SECONDS = 60.0
 MAX_PENDING_HELLOS_PER_PEER = 16
 STREAM_QUEUE_CHUNKS = 1024
+MAX_INFLIGHT_SENDS_PER_PEER = 8
+"""Replies (tc results, READY, chat) to one peer still being sent; beyond, new ones are dropped
+(the peer is not reading) so that receive loops never wait on one peer's channel."""
+STRIKE_WINDOW_SECONDS = 60.0
+FINAL_SEND_TIMEOUT_SECONDS = 1.0
+"""Bound on telling an asker that shutdown cancelled its stream."""
+MAP_CALLS_PER_MINUTE = 2
+"""codec_map answers carry the whole tokenizer map (~1 MB): a cheap call, an expensive answer."""
 
 ENVELOPE_HELLO, ENVELOPE_READY, ENVELOPE_DATA, ENVELOPE_END = 0, 1, 2, 3
 
@@ -81,6 +89,9 @@ class PeerBudget:
     started: deque[float] = field(default_factory=deque)
     open_calls: int = 0
     hellos: dict[str, tuple[float, str]] = field(default_factory=dict)  # stream id -> (time, compression)
+    strikes: deque[float] = field(default_factory=deque)  # times of invalid payloads / refused calls
+    map_calls: deque[float] = field(default_factory=deque)
+    inflight_sends: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,6 +110,10 @@ class ServiceConfig:
     frame_max_ids: int = 16
     frame_max_delay_seconds: float = 0.05
     max_prompt_chars: int = 64_000
+    max_strikes_per_minute: int = 30
+    """Invalid payloads + refused calls one peer may cause per minute before it is dropped."""
+    ban_seconds: float = 60.0
+    """How long a peer dropped for abuse is refused by the room."""
 
 
 def elect_ai_responder(self_id: str, candidates: dict[str, legion.Cap], asker: str) -> str | None:
@@ -127,7 +142,7 @@ class LegionService:
         config: ServiceConfig,
         map_id: str,
         map_hash: str,
-        map_document: Callable[[], dict[str, Any]] | None = None,
+        map_bytes: Callable[[], bytes] | None = None,
         clock: Callable[[], float] = time.monotonic,
         pacing: StreamPolicy | None = None,
     ) -> None:
@@ -139,7 +154,8 @@ class LegionService:
         self.config = config
         self.map_id = map_id
         self.map_hash = map_hash
-        self.map_document = map_document
+        self.map_bytes = map_bytes
+        self._packed_map: str | None = None
         self.clock = clock
         self.roster: dict[str, RosterEntry] = {}
         self.calls: dict[tuple[str, str], CallState] = {}
@@ -148,6 +164,10 @@ class LegionService:
         self.draining = False
         self.cancelled_calls = 0
         self.completed_calls = 0
+        self.failed_calls = 0
+        self.dropped_peers = 0
+        self.strikes = 0
+        """Abuse counters (for tests, the soak and metrics)."""
         self._cap = room.make_action("cap")
         self._chat = room.make_action("cm")
         self._frames = room.make_action("cf")
@@ -243,7 +263,7 @@ class LegionService:
             legion.tool_descriptor("ping", "Liveness check; echoes payload.", legion.PING_SCHEMA),
         ] + ([legion.tool_descriptor(
             "codec_map", "The Codec tokenizer map (v2 document) that detokenizes this peer's frames.",
-            legion.CODEC_MAP_SCHEMA)] if self.map_document is not None else [])
+            legion.CODEC_MAP_SCHEMA)] if self.map_bytes is not None else [])
 
     def build_cap(self) -> dict[str, Any]:
         return legion.build_cap(
@@ -304,10 +324,55 @@ class LegionService:
             message = await action.receive()
             try:
                 await handler(message.peer_id, message.payload)
-            except legion.LegionError as exc:
+            except legion.LegionError as exc:  # remote garbage: counted against the sender (STYLE §8)
                 logger.debug("dropped invalid payload from %s: %s", message.peer_id, exc)
+                self._strike(message.peer_id, f"invalid payload: {exc}")
             except FrameError as exc:
                 logger.debug("dropped invalid cf from %s: %s", message.peer_id, exc)
+                self._strike(message.peer_id, f"invalid cf: {exc}")
+
+    # --- abuse control -----------------------------------------------------------------------
+
+    def _strike(self, peer_id: str, reason: str) -> bool:
+        """Count one offence (invalid payload, refused call); past `max_strikes_per_minute` in a
+        minute the peer is dropped by the room and banned. Returns False once it is dropped."""
+        budget = self.budgets.setdefault(peer_id, PeerBudget())
+        now = self.clock()
+        while budget.strikes and now - budget.strikes[0] > STRIKE_WINDOW_SECONDS:
+            budget.strikes.popleft()
+        budget.strikes.append(now)
+        self.strikes += 1
+        if len(budget.strikes) <= self.config.max_strikes_per_minute:
+            return True
+        drop = getattr(self.room, "drop_peer", None)
+        if len(budget.strikes) == self.config.max_strikes_per_minute + 1:
+            logger.warning("peer %s: %d offences within a minute (last: %s)", peer_id, len(budget.strikes), reason)
+            self.dropped_peers += 1
+            if drop is not None:
+                drop(peer_id, f"too many offences ({reason})", self.config.ban_seconds)
+            self.peer_left(peer_id)
+        return False
+
+    def _post(self, peer_id: str, action: ActionLike, payload: Any, what: str) -> None:
+        """Send to one peer from a separate task, so a peer that does not read can only delay its
+        own replies; at most MAX_INFLIGHT_SENDS_PER_PEER are pending per peer, further ones are
+        dropped (logged)."""
+        budget = self.budgets.setdefault(peer_id, PeerBudget())
+        if budget.inflight_sends >= MAX_INFLIGHT_SENDS_PER_PEER:
+            logger.debug("not sending %s to %s: %d sends already pending", what, peer_id, budget.inflight_sends)
+            self._strike(peer_id, "not reading its replies")
+            return
+        budget.inflight_sends += 1
+
+        async def send() -> None:
+            try:
+                await action.send(payload, target=peer_id)
+            except MeshError as exc:  # the peer went away meanwhile: nothing else to do
+                logger.debug("could not send %s to %s: %s", what, peer_id, exc)
+            finally:
+                budget.inflight_sends -= 1
+
+        self._spawn(send(), f"legion.{what}->{peer_id}")
 
     # --- tc --------------------------------------------------------------------------------
 
@@ -316,6 +381,46 @@ class LegionService:
         frame = legion.build_result(ts_ms=int(time.time() * 1000), call_id=call_id, status=status,
                                     result=result, error=error)
         await self._tools.send(frame, target=peer_id)
+
+    async def _answer(self, peer_id: str, call_id: str, status: str, *, result: dict[str, Any] | None = None,
+                      error: str | None = None) -> None:
+        """A tc result sent without blocking the tc receive loop (see `_post`). A refused call
+        never streams: forget the envelope HELLO its asker may have sent for it."""
+        budget = self.budgets.get(peer_id)
+        if budget is not None:
+            budget.hellos.pop(call_id, None)
+        frame = legion.build_result(ts_ms=int(time.time() * 1000), call_id=call_id, status=status,
+                                    result=result, error=error)
+        self._post(peer_id, self._tools, frame, "tc-result")
+
+    async def _packed_map_text(self) -> str:
+        """The exact map file bytes, zstd-compressed and base64-encoded (a ~2 MB map becomes
+        ~0.5 MB of JSON string), built once off the event loop. The asker checks the sha256 of the
+        decompressed bytes against map_hash."""
+        if self._packed_map is None:
+            assert self.map_bytes is not None
+            source = self.map_bytes
+
+            def pack() -> str:
+                import base64
+
+                import zstandard
+
+                return base64.b64encode(zstandard.ZstdCompressor(level=9).compress(source())).decode("ascii")
+
+            self._packed_map = await asyncio.to_thread(pack)
+        return self._packed_map
+
+    def _admit_map(self, peer_id: str) -> str | None:
+        """codec_map answers are large (the whole tokenizer map): at most MAP_CALLS_PER_MINUTE."""
+        budget = self.budgets.setdefault(peer_id, PeerBudget())
+        now = self.clock()
+        while budget.map_calls and now - budget.map_calls[0] > 60.0:
+            budget.map_calls.popleft()
+        if len(budget.map_calls) >= MAP_CALLS_PER_MINUTE:
+            return f"rate limit: at most {MAP_CALLS_PER_MINUTE} codec_map calls per minute"
+        budget.map_calls.append(now)
+        return None
 
     def _admit_call(self, peer_id: str) -> str | None:
         """Per-peer limits; returns a refusal reason or None."""
@@ -334,43 +439,50 @@ class LegionService:
         frame = legion.parse_tool_frame(payload)
         if isinstance(frame, legion.ToolResult):
             return  # meshnode makes no calls of its own in serving mode
-        exposed = {"engine_run", "ping"} | ({"codec_map"} if self.map_document is not None else set())
+        exposed = {"engine_run", "ping"} | ({"codec_map"} if self.map_bytes is not None else set())
         if frame.tool_name not in exposed:
-            await self._reply(peer_id, frame.call_id, "denied",
-                              error=f"tool not exposed by this peer: {frame.tool_name}")
+            if self._strike(peer_id, f"call to unexposed tool {frame.tool_name!r}"):
+                await self._answer(peer_id, frame.call_id, "denied",
+                                   error=f"tool not exposed by this peer: {frame.tool_name}")
             return
         refusal = self._admit_call(peer_id)
+        if refusal is None and frame.tool_name == "codec_map":
+            refusal = self._admit_map(peer_id)
         if refusal is not None:
             logger.info("call %s from %s refused: %s", frame.call_id, peer_id, refusal)
-            await self._reply(peer_id, frame.call_id, "denied", error=refusal)
+            if self._strike(peer_id, refusal):  # past the strike limit the peer is dropped, no reply
+                await self._answer(peer_id, frame.call_id, "denied", error=refusal)
             return
         if frame.tool_name == "ping":
             if set(frame.args) - {"payload"}:
-                await self._reply(peer_id, frame.call_id, "error", error="invalid args: only 'payload' is allowed")
+                await self._answer(peer_id, frame.call_id, "error", error="invalid args: only 'payload' is allowed")
                 return
             content = {"payload": frame.args.get("payload"), "received_at_ms": int(time.time() * 1000)}
-            await self._reply(peer_id, frame.call_id, "ok", result={"content": content})
+            await self._answer(peer_id, frame.call_id, "ok", result={"content": content})
             return
-        if frame.tool_name == "codec_map" and self.map_document is not None:
-            content = {"map_id": self.map_id, "map_hash": self.map_hash, "document": self.map_document()}
-            await self._reply(peer_id, frame.call_id, "ok", result={"content": content})
+        if frame.tool_name == "codec_map" and self.map_bytes is not None:
+            content = {"map_id": self.map_id, "map_hash": self.map_hash, "encoding": "zstd+base64",
+                       "data": await self._packed_map_text()}
+            await self._answer(peer_id, frame.call_id, "ok", result={"content": content})
             return
         if (peer_id, frame.call_id) in self.calls:
-            await self._reply(peer_id, frame.call_id, "error", error="duplicate callId")
+            if self._strike(peer_id, "duplicate callId"):
+                await self._answer(peer_id, frame.call_id, "error", error="duplicate callId")
             return
         if self.draining:
-            await self._reply(peer_id, frame.call_id, "error", error="busy: node is shutting down")
+            await self._answer(peer_id, frame.call_id, "error", error="busy: node is shutting down")
             return
         try:
             args = legion.parse_engine_run(frame.args, max_prompt_chars=self.config.max_prompt_chars)
         except legion.LegionError as exc:
-            await self._reply(peer_id, frame.call_id, "error", error=f"invalid args: {exc}")
+            if self._strike(peer_id, f"invalid args: {exc}"):
+                await self._answer(peer_id, frame.call_id, "error", error=f"invalid args: {exc}")
             return
         if not any(m["role"] == "system" for m in args.messages) and self.config.system_prompt:
             args.messages.insert(0, {"role": "system", "content": self.config.system_prompt})
         if self.pacing is not None and (refusal := self.pacing.admit(peer_id, frame.call_id)) is not None:
             logger.info("call %s from %s refused: %s", frame.call_id, peer_id, refusal)
-            await self._reply(peer_id, frame.call_id, "denied", error=refusal)
+            await self._answer(peer_id, frame.call_id, "denied", error=refusal)
             self.notify_load_changed()
             return
         self._start_generation(peer_id, frame.call_id, args.messages, args.max_tokens, args.temperature,
@@ -437,12 +549,18 @@ class LegionService:
             call.cancelled = True
             self.cancelled_calls += 1
             logger.info("call %s from %s cancelled after %d tokens", call_id, peer_id, len(ids))
+            if self.draining:  # the shutdown deadline passed: end the stream visibly (STYLE §5.6 step 4)
+                await self._tell_cancelled(sender, peer_id, call_id, reply_tool)
             raise
-        except AdmissionError as exc:
-            status, error = "error", f"busy: {exc}" if "queue" in str(exc).lower() else str(exc)
+        except AdmissionError as exc:  # refused (prompt too long, busy, batch token budget): say why
+            text = str(exc)
+            status, error = "error", f"busy: {text}" if "queue" in text.lower() and not text.startswith("busy") else text
         except MeshError as exc:
             status, error = "error", f"generation failed: {exc}"
             logger.warning("call %s from %s failed: %s", call_id, peer_id, exc)
+        except Exception:  # an engine bug fails this request only; the node keeps serving the others
+            status, error = "error", "generation failed: internal error"
+            logger.exception("call %s from %s failed", call_id, peer_id)
         finally:
             if stream is not None:
                 stream.cancel()
@@ -453,6 +571,10 @@ class LegionService:
             self.calls.pop((peer_id, call_id), None)
             self.notify_load_changed()
         elapsed = max(1e-6, self.clock() - started)
+        if finish == "error" and status == "ok":  # the engine failed mid-stream (terminal error frame sent)
+            status, error = "error", "generation failed"
+        if status == "error":
+            self.failed_calls += 1
         if finish == "cancel":
             self.cancelled_calls += 1
             logger.info("call %s from %s cancelled by the asker after %d tokens", call_id, peer_id, len(ids))
@@ -466,9 +588,21 @@ class LegionService:
             if status == "ok":
                 text = self.engine.decode(ids)
                 content = {"text": text, "finish_reason": finish or "stop", "tokens": len(ids), "ttft_ms": ttft_ms}
+                if self.pacing is not None:
+                    content = self.pacing.result_content(peer_id, call_id, content)
                 await self._reply(peer_id, call_id, "ok", result={"content": content})
             else:
                 await self._reply(peer_id, call_id, "error", error=error)
+
+    async def _tell_cancelled(self, sender: Any, peer_id: str, call_id: str, reply_tool: bool) -> None:
+        """Best effort, bounded: a terminal frame (finish_reason "cancel") and an error result."""
+        try:
+            async with asyncio.timeout(FINAL_SEND_TIMEOUT_SECONDS):
+                await sender.send([], "cancel")
+                if reply_tool:
+                    await self._reply(peer_id, call_id, "error", error="cancelled: the node is shutting down")
+        except (MeshError, TimeoutError) as exc:  # the asker is gone or slow: the leave tells it
+            logger.debug("could not tell %s that call %s was cancelled: %s", peer_id, call_id, exc)
 
     # --- cf (envelopes from askers) ----------------------------------------------------------
 
@@ -478,6 +612,8 @@ class LegionService:
         decoded = decode_cf_payload(bytes(payload))
         if not isinstance(decoded, Envelope):
             return  # bare frames from other responders are not for us
+        if len(decoded.stream_id) > legion.MAX_CALL_ID_CHARS:  # stream ids are call ids (legion-mesh §6 item 2)
+            raise FrameError(f"stream id longer than {legion.MAX_CALL_ID_CHARS} characters")
         budget = self.budgets.setdefault(peer_id, PeerBudget())
         if decoded.kind == ENVELOPE_HELLO:
             now = self.clock()
@@ -495,7 +631,7 @@ class LegionService:
             if self.pacing is not None:
                 ready_body.update(self.pacing.on_hello(peer_id, decoded.stream_id, body, compression))
             ready = Envelope(kind=ENVELOPE_READY, stream_id=decoded.stream_id, seq=1, body=ready_body)
-            await self._frames.send(encode_envelope(ready), target=peer_id)
+            self._post(peer_id, self._frames, encode_envelope(ready), "ready")
         elif decoded.kind == ENVELOPE_END:
             call = self.calls.get((peer_id, decoded.stream_id))
             if call is not None and call.task is not None and not call.task.done():
@@ -530,6 +666,8 @@ class LegionService:
         if not prompt:
             return
         refusal = self._admit_call(peer_id)
+        if refusal is not None and not self._strike(peer_id, refusal):
+            return
         if refusal is not None or self.draining:
             await self._say(peer_id, f"[/ai meshnode error] {refusal or 'shutting down'}")
             return
@@ -544,7 +682,7 @@ class LegionService:
 
     async def _say(self, peer_id: str, text: str) -> None:
         chat = legion.build_chat(ts_ms=int(time.time() * 1000), from_id=self.room.self_id, to=peer_id, text=text)
-        await self._chat.send(chat, target=peer_id)
+        self._post(peer_id, self._chat, chat, "chat")
 
 
 class FrameSender:
@@ -594,6 +732,9 @@ async def _pump(stream: Any, queue: asyncio.Queue[Any]) -> None:
         await queue.put(_Chunk(ids=[], finish_reason="stop"))
     except MeshError as exc:
         logger.warning("generation failed: %s", exc)
+        await queue.put(_Chunk(ids=[], finish_reason="error"))
+    except Exception:  # an engine bug: end this stream with an error frame instead of hanging it
+        logger.exception("generation failed")
         await queue.put(_Chunk(ids=[], finish_reason="error"))
 
 

@@ -24,7 +24,8 @@ class ModelSettings:
     device: str = "auto"
     """auto | cpu | cuda | cuda:N | mps (auto picks CUDA > MPS > CPU)."""
     dtype: str = "auto"
-    """auto | bfloat16 | float16 | float32 (auto: bf16 on CPU/CUDA, fp16 on MPS)."""
+    """auto | bfloat16 | float16 | float32 (auto: bf16 on CUDA and on CPUs with native bf16, else
+    fp32; fp16 on MPS)."""
     cache_dir: str = ""
     """Where converted models are cached; empty = $XDG_CACHE_HOME/meshnode or ~/.cache/meshnode."""
 
@@ -41,6 +42,9 @@ class EngineSettings:
     """Ceiling on max_tokens of any request."""
     default_max_tokens: int = 256
     """max_tokens when a request gives none."""
+    max_batch_tokens: int = 32768
+    """Memory admission: prompt + max_tokens summed over running and queued requests; a request
+    that would exceed it is refused as busy (0 = off). KV bytes ~ this x per-token KV size."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,6 +94,34 @@ class LegionSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LimitSettings:
+    """Per-peer limits against hostile room members (docs/limits.md explains each default)."""
+
+    max_message_bytes: int = 1048576
+    """Largest inbound action message (reassembled); larger ones are dropped while arriving."""
+    max_pending_messages_per_peer: int = 32
+    """Partially received messages kept per peer; the oldest is evicted beyond."""
+    max_pending_bytes_per_peer: int = 2097152
+    """Bytes of partially received messages kept per peer; the oldest is evicted beyond."""
+    max_queued_messages_per_peer: int = 64
+    """Messages one peer may have waiting in one action's queue; beyond, its new ones are dropped."""
+    max_queued_bytes_per_peer: int = 2097152
+    """Bytes one peer may have waiting in one action's queue."""
+    peer_rate_bytes_per_second: int = 262144
+    """Sustained inbound bytes/s per peer; a peer over its burst (2 x max_message_bytes) is dropped."""
+    peer_rate_messages_per_second: int = 200
+    """Sustained inbound data-channel messages/s per peer (burst: 4 s worth); beyond, dropped."""
+    max_connections: int = 64
+    """WebRTC connections (open + negotiating) at once; further peers are refused."""
+    ban_seconds: int = 60
+    """How long a dropped peer is refused."""
+    max_strikes_per_minute: int = 30
+    """Invalid payloads + refused calls one peer may cause per minute before it is dropped."""
+    max_prompt_chars: int = 64000
+    """Longest engine_run prompt in characters (checked before tokenizing)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class HttpSettings:
     host: str = "127.0.0.1"
     """Bind address of serve-http."""
@@ -104,6 +136,7 @@ class Settings:
     room: RoomSettings = field(default_factory=RoomSettings)
     webrtc: WebRTCSettings = field(default_factory=WebRTCSettings)
     legion: LegionSettings = field(default_factory=LegionSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
 
 

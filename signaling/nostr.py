@@ -273,7 +273,7 @@ class NostrRelay:
     def _on_text(self, text: str) -> None:
         try:
             message = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: hostile nesting, not a bug of ours
             logger.debug("nostr %s: dropped a non-JSON frame", self.url)
             return
         if not isinstance(message, list) or not message or not isinstance(message[0], str):

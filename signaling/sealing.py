@@ -19,6 +19,8 @@ __all__ = ["IV_BYTES", "SealError", "Sealer", "seal", "unseal"]
 
 IV_BYTES = 16
 """Trystero uses a 128-bit IV, not the usual 96 bits (§4, pitfall P6)."""
+MAX_SEALED_CHARS = 256 * 1024
+"""Sealed texts longer than this are refused before decoding (a sealed SDP is a few KB)."""
 
 
 class SealError(SignalingError):
@@ -48,10 +50,14 @@ class Sealer:
             SealError: the text is malformed, or authentication failed (wrong key). Callers treat
                 both the same way: drop the message (§4).
         """
+        if len(text) > MAX_SEALED_CHARS:
+            raise SealError(f"sealed text longer than {MAX_SEALED_CHARS} characters")
         iv_text, sep, body = text.partition("$")  # split on the first "$" (§4)
         if not sep:
             raise SealError("sealed text has no '$'")
         try:
+            if len(iv_text) > 4 * IV_BYTES * 4:  # 16 decimals of <= 3 digits and commas, with slack
+                raise ValueError("IV text too long")
             iv = bytes(int(part) for part in iv_text.split(","))
             data = base64.b64decode(body, validate=True)
         except (ValueError, binascii.Error) as exc:

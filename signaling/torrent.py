@@ -94,7 +94,7 @@ class TrackerClient:
     def _on_text(self, text: str) -> None:
         try:
             message = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: hostile nesting, not a bug of ours
             logger.debug("tracker %s: dropped a non-JSON frame", self.url)
             return
         if not isinstance(message, dict):

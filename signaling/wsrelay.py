@@ -148,7 +148,7 @@ class WsRelay:
     def _on_text(self, text: str) -> None:
         try:
             message = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: hostile nesting, not a bug of ours
             logger.debug("ws-relay %s: dropped a non-JSON frame", self.url)
             return
         if not isinstance(message, dict):
@@ -275,7 +275,7 @@ class WsRelayServer:
     def _on_frame(self, connection: ServerConnection, topics: set[str], frame: str) -> None:
         try:
             message = json.loads(frame)
-        except ValueError:
+        except (ValueError, RecursionError):
             return  # why: the protocol has no error reply; garbage is ignored, as upstream does
         if not isinstance(message, dict):
             return

@@ -12,4 +12,7 @@ Modules:
     metrics    per-stream statistics and the service-level check
     runner     the search for the largest N per mode
     report     rich table, JSON, PNG
+    command    the ``meshnode bench`` flags and entry point
+
+The pacing the ``meshnode`` modes measure lives in :mod:`meshnode.pacing` (used by the services).
 """

@@ -5,14 +5,20 @@ Definitions:
 
 * **inter-token delay**: the time between consecutive tokens at the receiver; ids that arrive in
   the same message are 0 apart, so a 300 ms window shows as one 300 ms gap every few tokens.
-* **added delay**: how late token k arrives compared with its slot on the source's fixed schedule,
-  anchored at the first token: ``arrival_k - (first_arrival + k / rate)``. Its median is the
-  delay that coalescing (and queueing) adds.
+* **added delay**: how late token k arrives compared with its slot on the source's fixed schedule
+  (``k / rate`` after the stream's start), relative to the stream's most punctual token:
+  ``(arrival_k - k / rate) - min_j (arrival_j - j / rate)``. Its median is the delay that
+  coalescing and queueing add on top of the path's own latency.
 * **delivered rate**: ``n / (last - first + 1 / rate)`` — equals the source rate when every token
   arrives on time, whatever the batching.
 * **stall**: an inter-token delay above ``stall_seconds``.
 * **lost**: ids of an admitted stream that never arrived before the deadline.
 * **bytes per token**: IP bytes counted on the link during the trial / tokens delivered.
+* **goodput**: tokens delivered per second over the trial's span (first request to last token);
+  **SLO goodput** counts only streams that met the per-stream part of the service level (rate,
+  nothing lost, their own p95 inter-token delay); **sustained goodput** is the SLO goodput in the
+  busiest 8 s of the trial (what the link carries once every admitted stream runs, independent of
+  how long the ramp-up takes). "Goodput kept" at 2x capacity compares sustained goodputs.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshnode.bench.netlab import LinkCounters
+
+SUSTAINED_WINDOW_SECONDS = 8.0
 
 
 @dataclass(frozen=True)
@@ -57,17 +65,19 @@ def stream_stats(stream: dict[str, Any], *, rate: float, expected: int, stall_se
     """Statistics of one stream's summary (see ``roles.StreamRecord.summary``)."""
     arrivals: list[list[float]] = stream["arrivals"]
     gaps: list[float] = []
-    added: list[float] = []
+    lateness: list[float] = []
     previous: float | None = None
     index = 0
     first = stream["first"]
     for at, count in arrivals:
         for k in range(int(count)):
             gaps.append(0.0 if (previous is None or k > 0) else at - previous)
-            added.append(at - (first + index / rate))
+            lateness.append(at - index / rate)
             index += 1
         previous = at
     gaps = gaps[1:]  # the first token has no predecessor
+    best = min(lateness) if lateness else 0.0
+    added = [late - best for late in lateness]
     received = int(stream["tokens"])
     last = arrivals[-1][0] if arrivals else None
     delivered_rate = (received / (last - first + 1.0 / rate)) if received and first is not None else 0.0
@@ -81,9 +91,24 @@ def stream_stats(stream: dict[str, Any], *, rate: float, expected: int, stall_se
         "gaps": gaps,
         "added": added,
         "stalls": sum(1 for g in gaps if g > stall_seconds),
+        "p95_gap": percentile(gaps, 95),
         "last": last,
         "started": stream["started"],
     }
+
+
+def sustained_goodput(streams: list[dict[str, Any]], window: float = SUSTAINED_WINDOW_SECONDS) -> float:
+    """Tokens per second delivered to `streams` in their busiest `window` seconds."""
+    events = sorted((at, count) for stream in streams for at, count in stream["arrivals"])
+    best = total = 0.0
+    start = 0
+    for at, count in events:
+        total += count
+        while events[start][0] < at - window:
+            total -= events[start][1]
+            start += 1
+        best = max(best, total)
+    return best / window
 
 
 def _r(value: float | None, scale: float = 1.0, digits: int = 1) -> float | None:
@@ -106,7 +131,8 @@ def trial_metrics(streams: list[dict[str, Any]], *, offered: int, rate: float, e
     starts = [s["started"] for s in admitted]
     lasts = [s["last"] for s in admitted if s["last"] is not None]
     span = (max(lasts) - min(starts)) if lasts and starts else 0.0
-    ok_streams = [s for s in admitted if s["rate"] >= slo.min_rate and s["lost"] == 0 and not s["error"]]
+    ok_streams = [s for s in admitted if s["rate"] >= slo.min_rate and s["lost"] == 0 and not s["error"]
+                  and (s["p95_gap"] or 0.0) <= slo.max_p95_delay_seconds]
     p95 = percentile(gaps, 95)
     result: dict[str, Any] = {
         "offered": offered,
@@ -114,6 +140,7 @@ def trial_metrics(streams: list[dict[str, Any]], *, offered: int, rate: float, e
         "refused": len(refused),
         "refusal": refused[0]["refused"] if refused else None,
         "errors": errors,
+        "error_samples": sorted({str(s["error"]) for s in admitted if s["error"]})[:3],
         "tokens_delivered": received,
         "tokens_lost": lost,
         "stalls": sum(s["stalls"] for s in admitted),
@@ -126,6 +153,9 @@ def trial_metrics(streams: list[dict[str, Any]], *, offered: int, rate: float, e
         "span_s": round(span, 3),
         "goodput_tok_s": round(received / span, 1) if span > 0 else 0.0,
         "slo_goodput_tok_s": round(sum(s["received"] for s in ok_streams) / span, 1) if span > 0 else 0.0,
+        "streams_within_slo": len(ok_streams),
+        "sustained_goodput_tok_s": round(sustained_goodput([s for s, st in zip(streams, stats, strict=True)
+                                                            if st in ok_streams]), 1),
     }
     if counters is not None:
         seconds = max(counters.when, 1e-9)
@@ -134,6 +164,7 @@ def trial_metrics(streams: list[dict[str, Any]], *, offered: int, rate: float, e
             "seconds": round(seconds, 3),
             "up_bytes": counters.up_bytes, "down_bytes": counters.down_bytes,
             "up_packets": counters.up_packets, "down_packets": counters.down_packets,
+            "up_offered_bytes": counters.up_offered_bytes, "down_offered_bytes": counters.down_offered_bytes,
             "up_drops": counters.up_drops, "down_drops": counters.down_drops,
             "up_bytes_per_s": round(counters.up_bytes / seconds, 1),
             "down_bytes_per_s": round(counters.down_bytes / seconds, 1),

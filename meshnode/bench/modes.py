@@ -21,7 +21,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from meshnode.pacing import MUX_FIELD, ActionLike, Pacer, PacingConfig, StreamPolicy, StreamSink
+from meshnode.pacing import (
+    MUX_FIELD,
+    RESULT_TEXT_FIELD,
+    ActionLike,
+    Pacer,
+    PacingConfig,
+    StreamPolicy,
+    StreamSink,
+)
 from meshnode.services import FrameSender
 
 SSE_ACTION = "sse"
@@ -44,6 +52,8 @@ class Mode:
                                 "accept_safety_policies": [], "intent": "chat"}
         if self.mux:
             body[MUX_FIELD] = 1
+        if self.paced:
+            body[RESULT_TEXT_FIELD] = False  # the frames carry the text; do not repeat it in the result
         return body
 
 
@@ -146,9 +156,12 @@ class BaselinePolicy:
     def release(self, peer_id: str, stream_id: str) -> None:
         return None
 
+    def result_content(self, peer_id: str, stream_id: str, content: dict[str, Any]) -> dict[str, Any]:
+        return content
 
-def make_pacer(mode: Mode, *, budget: float, rate: float, headroom: float = 0.8,
-               max_window: float = 0.45) -> Pacer:
+
+def make_pacer(mode: Mode, *, budget: float, rate: float, headroom: float = 0.85,
+               max_window: float = 0.4) -> Pacer:
     """The node's pacer for a paced mode."""
     return Pacer(PacingConfig(budget_bytes_per_second=budget, token_rate=rate, headroom=headroom,
                               max_window_seconds=max_window, multiplex=mode.mux))

@@ -14,9 +14,11 @@ Topology (every address lives only inside namespaces this module creates and del
   the budget of the current second, and aiortc opens one allocation per peer connection, so it
   cannot express one budget shared by all streams; ``shaper="coturn"`` still offers it (budget
   split evenly over the expected allocations) for comparison.
-* Bytes and packets are counted **at the link** by nftables counters in the node namespace
-  (IP packets to / from coturn's port: IP + UDP + TURN ChannelData + DTLS + SCTP + payload), with
-  the tbf drop counters next to them. Nothing is counted by the application.
+* Bytes and packets are counted **at the link** by nftables counters on the receiving end of each
+  direction (the relay's input for node→relay, the node's input for relay→node): IP packets of
+  the TURN traffic (IP + UDP + TURN ChannelData + DTLS + SCTP + payload) that crossed the link.
+  The sending ends count what was offered (including packets the shaper dropped), and tbf's drop
+  counters come along. Nothing is counted by the application.
 
 Requires root (namespaces, veth, tc, nft) and the Debian packages ``coturn``, ``nftables`` and
 ``iproute2``. Every process is started in its own session and killed by process group; namespaces
@@ -32,7 +34,7 @@ import shutil
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal
 
@@ -60,14 +62,19 @@ class LabError(MeshError):
 
 @dataclass(frozen=True)
 class LinkCounters:
-    """Kernel counters of the node's link to the relay at one instant."""
+    """Kernel counters of the node's link to the relay at one instant (IP bytes, TURN traffic only)."""
 
     up_bytes: int
-    """IP bytes the node sent to coturn."""
+    """Bytes from the node that reached the relay (counted on the relay's input)."""
     up_packets: int
     down_bytes: int
-    """IP bytes the node received from coturn."""
+    """Bytes from the relay that reached the node (counted on the node's input)."""
     down_packets: int
+    up_offered_bytes: int
+    """Bytes the node sent (counted on its output, before the shaper: includes dropped packets)."""
+    up_offered_packets: int
+    down_offered_bytes: int
+    down_offered_packets: int
     up_drops: int
     """Packets the node-side shaper dropped."""
     down_drops: int
@@ -75,12 +82,7 @@ class LinkCounters:
     when: float
 
     def __sub__(self, other: LinkCounters) -> LinkCounters:
-        return LinkCounters(
-            up_bytes=self.up_bytes - other.up_bytes, up_packets=self.up_packets - other.up_packets,
-            down_bytes=self.down_bytes - other.down_bytes, down_packets=self.down_packets - other.down_packets,
-            up_drops=self.up_drops - other.up_drops, down_drops=self.down_drops - other.down_drops,
-            when=self.when - other.when,
-        )
+        return LinkCounters(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)})
 
 
 def missing_requirements() -> list[str]:
@@ -195,7 +197,8 @@ class NetLab:
             "relay": f"coturn {version[0] if version else '?'} (TURN over UDP, relay-only ICE on every peer, "
                      "no IP forwarding in the relay namespace)",
             "limiter": limiter,
-            "counted_at": "nftables counters in the node namespace: IP packets to/from coturn's port",
+            "counted_at": "nftables counters on the receiving end of each direction of the node<->relay link "
+                          "(IP packets of the TURN traffic that crossed it; offered bytes and drops separately)",
             "cap_bytes_per_second": self.cap,
             "shaper": self.shaper,
         }
@@ -249,15 +252,26 @@ class NetLab:
             for ns, dev in ((self.ns_node, v["node"]), (self.ns_relay, v["relay_node"])):
                 self._ns(ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{self.cap * 8}bit",
                          "burst", str(burst), "latency", f"{self.queue_ms}ms")
-        rules = f"""
+        node_rules = f"""
 table inet {NFT_TABLE} {{
-  counter up {{ }}
+  counter up_offered {{ }}
   counter down {{ }}
-  chain out {{ type filter hook output priority 0; policy accept; udp dport {TURN_PORT} counter name "up"; }}
+  chain out {{ type filter hook output priority 0; policy accept; udp dport {TURN_PORT} counter name "up_offered"; }}
   chain in {{ type filter hook input priority 0; policy accept; udp sport {TURN_PORT} counter name "down"; }}
 }}
 """
-        self._ns(self.ns_node, "nft", "-f", "-", input_text=rules)
+        relay_rules = f"""
+table inet {NFT_TABLE} {{
+  counter up {{ }}
+  counter down_offered {{ }}
+  chain in {{ type filter hook input priority 0; policy accept;
+    iifname "{v['relay_node']}" udp dport {TURN_PORT} counter name "up"; }}
+  chain out {{ type filter hook output priority 0; policy accept;
+    oifname "{v['relay_node']}" udp sport {TURN_PORT} counter name "down_offered"; }}
+}}
+"""
+        self._ns(self.ns_node, "nft", "-f", "-", input_text=node_rules)
+        self._ns(self.ns_relay, "nft", "-f", "-", input_text=relay_rules)
 
     def _start_coturn(self) -> None:
         args = [
@@ -322,12 +336,13 @@ table inet {NFT_TABLE} {{
 
     def counters(self) -> LinkCounters:
         """Read the link's counters now."""
-        data = json.loads(self._ns(self.ns_node, "nft", "-j", "list", "counters", "table", "inet", NFT_TABLE))
         found: dict[str, tuple[int, int]] = {}
-        for item in data.get("nftables", []):
-            counter = item.get("counter")
-            if counter:
-                found[counter["name"]] = (int(counter["bytes"]), int(counter["packets"]))
+        for ns in (self.ns_node, self.ns_relay):
+            data = json.loads(self._ns(ns, "nft", "-j", "list", "counters", "table", "inet", NFT_TABLE))
+            for item in data.get("nftables", []):
+                counter = item.get("counter")
+                if counter:
+                    found[counter["name"]] = (int(counter["bytes"]), int(counter["packets"]))
         drops = {}
         for key, ns, dev in (("up", self.ns_node, self._veth["node"]),
                              ("down", self.ns_relay, self._veth["relay_node"])):
@@ -335,9 +350,12 @@ table inet {NFT_TABLE} {{
             if self.shaper == "tbf":
                 stats = json.loads(_run(["tc", "-n", ns, "-s", "-j", "qdisc", "show", "dev", dev]) or "[]")
                 drops[key] = sum(int(q.get("drops", 0)) for q in stats)
-        return LinkCounters(up_bytes=found["up"][0], up_packets=found["up"][1], down_bytes=found["down"][0],
-                            down_packets=found["down"][1], up_drops=drops["up"], down_drops=drops["down"],
-                            when=time.monotonic())
+        return LinkCounters(
+            up_bytes=found["up"][0], up_packets=found["up"][1], down_bytes=found["down"][0],
+            down_packets=found["down"][1], up_offered_bytes=found["up_offered"][0],
+            up_offered_packets=found["up_offered"][1], down_offered_bytes=found["down_offered"][0],
+            down_offered_packets=found["down_offered"][1], up_drops=drops["up"], down_drops=drops["down"],
+            when=time.monotonic())
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT_SECONDS) -> None:

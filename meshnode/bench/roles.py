@@ -54,6 +54,7 @@ APP_ID = "meshnode-bench"
 JOIN_TIMEOUT_SECONDS = 60.0
 LEAVE_TIMEOUT_SECONDS = 10.0
 STOP_GRACE_SECONDS = 5.0
+READY_TIMEOUT_SECONDS = 10.0
 TURN_USER = TURN_PASSWORD = "bench"
 
 
@@ -99,69 +100,104 @@ async def run_signal(args: argparse.Namespace) -> None:
 # -- node -------------------------------------------------------------------------------------------
 
 
+class NodeTrial:
+    """One trial on the (long-lived) node process: rooms, services, engine, pacer."""
+
+    def __init__(self, args: argparse.Namespace, command: dict[str, Any], completion: Completion,
+                 real_engine: Any) -> None:
+        self.args = args
+        self.mode = MODES[command["mode"]]
+        self.prefix = str(command["prefix"])
+        self.room_count = int(command["rooms"])
+        self.rate = float(command["rate"])
+        self.tokens = int(command["tokens"])
+        self.engine: Any = real_engine or ReplayEngine(completion, rate=self.rate, tokens=self.tokens)
+        self.completion = completion
+        self.pacer = (make_pacer(self.mode, budget=float(command["budget"]), rate=self.rate,
+                                 headroom=float(command.get("headroom", 0.85))) if self.mode.paced else None)
+        self.rooms: list[Room] = []
+        self.services: list[LegionService] = []
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def piece(self, index: int, token: int) -> str:
+        if isinstance(self.engine, ReplayEngine):
+            pieces = self.completion.pieces
+            return pieces[index] if index < len(pieces) else f"<{token}>"
+        return str(self.engine.decode([token]))
+
+    async def start(self) -> str:
+        self_id = secrets.token_hex(10)
+        self.rooms = list(await asyncio.gather(*(Room.join(room_config(self.args, f"{self.prefix}-{i}", self_id))
+                                                 for i in range(self.room_count))))
+        config = ServiceConfig(nick="bench-node", model_id=self.engine.model_id, skills=["chat"], authoritative=[],
+                               system_prompt="", max_calls_per_peer=10_000, calls_per_minute=1_000_000,
+                               max_tokens=100_000, default_max_tokens=self.tokens)
+        for index, room in enumerate(self.rooms):
+            policy = policy_for(self.mode, pacer=self.pacer, sse_action=room.make_action(SSE_ACTION),
+                                model_id=self.engine.model_id, piece=self.piece)
+            service = LegionService(room, self.engine, config=config, map_id="bench",
+                                    map_hash="sha256:" + "0" * 64, pacing=policy)
+            room.on_peer_join(service.peer_joined)
+            room.on_peer_leave(service.peer_left)
+            self.services.append(service)
+            self.tasks.append(asyncio.get_running_loop().create_task(service.run(), name=f"bench.node.service[{index}]"))
+        return self_id
+
+    async def stop(self) -> dict[str, Any]:
+        stats = {"pacer": self.pacer.stats.as_dict() if self.pacer else None,
+                 "completed": sum(s.completed_calls for s in self.services),
+                 "cancelled": sum(s.cancelled_calls for s in self.services)}
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.pacer is not None:
+            await self.pacer.close()
+        await _leave_all(self.rooms)
+        if isinstance(self.engine, ReplayEngine):
+            await self.engine.close()
+        return stats
+
+
 async def run_node(args: argparse.Namespace) -> None:
-    mode = MODES[args.mode]
+    """A node that serves one trial at a time, on commands from stdin (JSON lines)."""
+    import meshnode.engine  # noqa: F401 - torch loads once here, not inside the first trial's stream
+
     completion = Completion.load(Path(args.completion))
+    real_engine: Any = None
     if args.engine == "real":
         from meshnode.engine import TorchEngine
         from meshnode.models import resolve_model
 
         loaded = await asyncio.to_thread(resolve_model, None, device="cpu", progress=False)
-        engine: Any = TorchEngine.from_loaded(loaded, max_concurrent=64, max_queue=256)
-    else:
-        engine = ReplayEngine(completion, rate=args.rate, tokens=args.tokens)
-    pieces = completion.pieces
-
-    def piece(index: int, token: int) -> str:
-        if args.engine == "replay" and index < len(pieces):
-            return pieces[index]
-        return str(engine.decode([token])) if args.engine == "real" else f"<{token}>"
-
-    pacer = make_pacer(mode, budget=args.budget, rate=args.rate, headroom=args.headroom) if mode.paced else None
-    self_id = secrets.token_hex(10)
-    rooms = await asyncio.gather(*(Room.join(room_config(args, f"{args.prefix}-{i}", self_id))
-                                   for i in range(args.rooms)))
-    config = ServiceConfig(nick="bench-node", model_id=engine.model_id, skills=["chat"], authoritative=[],
-                           system_prompt="", max_calls_per_peer=10_000, calls_per_minute=1_000_000,
-                           max_tokens=100_000, default_max_tokens=args.tokens)
-    services = []
-    for room in rooms:
-        policy = policy_for(mode, pacer=pacer, sse_action=room.make_action(SSE_ACTION), model_id=engine.model_id,
-                            piece=piece)
-        service = LegionService(room, engine, config=config, map_id="bench", map_hash="sha256:" + "0" * 64,
-                                pacing=policy)
-        room.on_peer_join(service.peer_joined)
-        room.on_peer_leave(service.peer_left)
-        services.append(service)
+        real_engine = TorchEngine.from_loaded(loaded, max_concurrent=64, max_queue=256)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    reader = await stdin_lines()
+    emit("started")
+    trial: NodeTrial | None = None
     try:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(s.run(), name=f"bench.node.service[{i}]") for i, s in enumerate(services)]
-            emit("ready", peer_id=self_id, rooms=len(rooms))
-            reader = await stdin_lines()
-
-            async def commands() -> None:
-                while not stop.is_set():
-                    line = await reader.readline()
-                    if not line or line.strip() == b"stop":
-                        stop.set()
-
-            command_task = group.create_task(commands(), name="bench.node.stdin")
-            await stop.wait()
-            emit("stats", pacer=pacer.stats.as_dict() if pacer else None,
-                 completed=sum(s.completed_calls for s in services), cancelled=sum(s.cancelled_calls for s in services))
-            for task in [*tasks, command_task]:
-                task.cancel()
+        while not stop.is_set():
+            line = await reader.readline()
+            if not line:
+                break
+            try:
+                command = json.loads(line)
+            except ValueError:
+                continue
+            if command.get("cmd") == "trial" and trial is None:
+                trial = NodeTrial(args, command, completion, real_engine)
+                emit("ready", peer_id=await trial.start(), rooms=trial.room_count)
+            elif command.get("cmd") == "end" and trial is not None:
+                stats = await trial.stop()
+                trial = None
+                emit("stats", **stats)
+            elif command.get("cmd") == "quit":
+                break
     finally:
-        if pacer is not None:
-            await pacer.close()
-        await _leave_all(list(rooms))
-        if isinstance(engine, ReplayEngine):
-            await engine.close()
-        else:
-            await engine.close()
+        if trial is not None:
+            await trial.stop()
+        if real_engine is not None:
+            await real_engine.close()
 
 
 # -- peers ------------------------------------------------------------------------------------------
@@ -182,6 +218,7 @@ class StreamRecord:
     refused: str | None = None
     error: str | None = None
     result_at: float | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
     compression: str = "identity"
     inflate: StreamDecompressor | None = None
     decoder: StreamDecoder = field(default_factory=StreamDecoder)
@@ -223,6 +260,7 @@ class Requester:
         self.sse = room.make_action(SSE_ACTION)
         self.node: str | None = None
         self.node_seen = asyncio.Event()
+        self.node_available = True
         self.records: dict[str, StreamRecord] = {}
         self.by_mux: dict[tuple[str, int], StreamRecord] = {}
 
@@ -245,6 +283,7 @@ class Requester:
         cap = legion.parse_cap(payload)
         if "engine_run" in cap.tools:
             self.node = peer_id
+            self.node_available = cap.available
             self.node_seen.set()
 
     def _on_tc(self, peer_id: str, payload: Any, now: float) -> None:
@@ -288,6 +327,7 @@ class Requester:
                 record.inflate = StreamDecompressor()
             if "mux" in body:
                 self.by_mux[(str(body["mux"]), int(body["mux_tag"]))] = record
+            record.ready.set()
         elif decoded.kind == DATA and isinstance(decoded.body, bytes):
             if record is not None:
                 self._frames(record, decoded.body, now)
@@ -317,17 +357,28 @@ class Requester:
         record = StreamRecord(peer=self.index, call_id=call_id, started=time.monotonic())
         self.records[call_id] = record
         assert self.node is not None
+        if not self.node_available:  # as a Legion tab does: ask only peers whose cap says available
+            record.refused = "cap.available is false"
+            record.end(None)
+            return record
         try:
             if stream_hello_needed(self.mode, self.streams_per_peer):
                 body = self.mode.hello_body() or {"codec_version": 1, "accept_compression": ["identity"],
                                                   "accept_safety_policies": [], "intent": "chat"}
                 await self.cf.send(encode_envelope(Envelope(kind=HELLO, stream_id=call_id, seq=0, body=body)),
                                    target=self.node)
+                # Call only once READY has come back: the node handles cf and tc in separate loops,
+                # so a call sent right behind its HELLO can overtake it (then no envelope, no mux).
+                async with asyncio.timeout(READY_TIMEOUT_SECONDS):
+                    await record.ready.wait()
             call = legion.build_call(ts_ms=int(time.time() * 1000), call_id=call_id, tool_name="engine_run",
                                      args={"user": "Tell me about meshes.", "max_tokens": tokens})
             await self.tc.send(call, target=self.node)
         except (MeshError, FrameError) as exc:
             record.error = f"request failed: {exc}"
+            record.end(None)
+        except TimeoutError:
+            record.error = f"no READY within {READY_TIMEOUT_SECONDS:.0f} s"
             record.end(None)
         return record
 
@@ -361,8 +412,10 @@ async def run_peers(args: argparse.Namespace) -> None:
             total = sum(counts)
             launches = []
             order = 0
-            for requester, count in zip(requesters, counts, strict=True):
-                for _ in range(count):
+            for round_index in range(max(counts, default=0)):  # round-robin over the peers
+                for requester, count in zip(requesters, counts, strict=True):
+                    if round_index >= count:
+                        continue
                     delay = args.stagger * order / max(1, total)
                     order += 1
                     launches.append(group.create_task(_launch(requester, delay, args.tokens),
@@ -402,20 +455,16 @@ def build_parser() -> argparse.ArgumentParser:
     sig.add_argument("--port", type=int, required=True)
     for name in ("node", "peers"):
         p = sub.add_parser(name)
-        p.add_argument("--mode", choices=sorted(MODES), required=True)
         p.add_argument("--signal", required=True, help="ws-relay URL")
         p.add_argument("--turn", default="", help="TURN URL; empty: host candidates on 127.0.0.1")
-        p.add_argument("--prefix", required=True, help="room id prefix")
-        p.add_argument("--tokens", type=int, default=100_000)
-        p.add_argument("--rate", type=float, default=30.0)
         p.add_argument("-v", "--verbose", action="count", default=0)
     node = sub.choices["node"]
-    node.add_argument("--rooms", type=int, required=True)
-    node.add_argument("--budget", type=float, default=0.0)
-    node.add_argument("--headroom", type=float, default=0.8)
     node.add_argument("--engine", choices=["replay", "real"], default="replay")
     node.add_argument("--completion", default=str(DEFAULT_COMPLETION_PATH))
     peers = sub.choices["peers"]
+    peers.add_argument("--mode", choices=sorted(MODES), required=True)
+    peers.add_argument("--prefix", required=True, help="room id prefix")
+    peers.add_argument("--tokens", type=int, default=100_000)
     peers.add_argument("--streams", required=True, help="streams per peer, comma-separated (one per peer)")
     peers.add_argument("--stagger", type=float, default=1.0)
     peers.add_argument("--deadline", type=float, default=60.0)

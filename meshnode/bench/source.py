@@ -15,10 +15,12 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from meshnode.engine import SamplingParams, TokenStream
 from meshnode.errors import AdmissionError
+
+if TYPE_CHECKING:  # meshnode.engine imports torch: requesters never need it
+    from meshnode.engine import SamplingParams, TokenStream
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +62,7 @@ async def record_completion(path: Path = DEFAULT_COMPLETION_PATH, *, max_tokens:
     output; ``min_tokens`` is not available, so the prompt asks for a long answer and the result
     is recorded whatever its length (the JSON says how many ids it has).
     """
-    from meshnode.engine import TorchEngine
+    from meshnode.engine import SamplingParams, TorchEngine
     from meshnode.models import resolve_model
 
     loaded = await asyncio.to_thread(resolve_model, None, device="cpu", progress=False)
@@ -71,6 +73,8 @@ async def record_completion(path: Path = DEFAULT_COMPLETION_PATH, *, max_tokens:
         async with engine.generate(prompt_ids, params) as stream:
             async for chunk in stream:
                 ids.extend(chunk.ids)
+                if len(ids) // 50 != (len(ids) - len(chunk.ids)) // 50:
+                    logger.info("recorded %d tokens so far", len(ids))
         text = engine.decode(ids)
         pieces, previous = [], ""
         for end in range(1, len(ids) + 1):  # the text each id adds, as an incremental detokenizer sees it
@@ -90,28 +94,31 @@ async def record_completion(path: Path = DEFAULT_COMPLETION_PATH, *, max_tokens:
 class ReplayEngine:
     """A stand-in for :class:`meshnode.engine.TorchEngine` that replays recorded ids.
 
-    Every request streams the first ``tokens`` ids of the completion (all of them by default,
-    capped by the request's ``max_tokens``) at ``rate`` tokens per second, on a fixed schedule
-    (token k is due at start + k / rate, so a slow consumer does not slow the source down; a
-    late timer emits every id that is due at once). ``max_concurrent`` bounds running streams.
+    Every request streams the first ``tokens`` ids of the completion (capped by the request's
+    ``max_tokens``) at ``rate`` tokens per second on a fixed schedule: token k is due at
+    ``start + k / rate``. One ticker task serves all streams every ``tick_seconds`` and hands each
+    stream the ids that are due (so a slow consumer never slows the source down, and hundreds of
+    streams cost one timer, not one per token).
 
     Args:
         completion: The recorded completion.
         rate: Tokens per second per stream.
         max_concurrent: Streams that may run at once; more raise ``AdmissionError``.
         tokens: Ids per stream (default: the whole completion).
+        tick_seconds: Scheduling granularity.
     """
 
-    def __init__(self, completion: Completion, *, rate: float, max_concurrent: int = 1024,
-                 tokens: int | None = None) -> None:
+    def __init__(self, completion: Completion, *, rate: float, max_concurrent: int = 4096,
+                 tokens: int | None = None, tick_seconds: float = 0.01) -> None:
         if rate <= 0:
             raise ValueError("rate must be positive")
         self.completion = completion
         self.rate = rate
         self.max_concurrent = max_concurrent
         self.tokens = min(tokens or len(completion.ids), len(completion.ids))
-        self._active = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.tick_seconds = tick_seconds
+        self._streams: list[_Replay] = []
+        self._ticker: asyncio.Task[None] | None = None
         self._next_id = 0
         self.tokenizer = None
 
@@ -127,46 +134,61 @@ class ReplayEngine:
         return [1] * max(1, len(text) // 4)
 
     def decode(self, ids: Sequence[int]) -> str:
+        # The service puts this text in the engine_run tool result: make it as long as the real one.
+        pieces = self.completion.pieces
+        if pieces and list(ids) == self.completion.ids[:len(ids)]:
+            return "".join(pieces[:len(ids)])
         return f"<{len(ids)} replayed tokens>"
 
     def load_info(self) -> dict[str, int]:
-        return {"active": self._active, "queued": 0, "max_concurrent": self.max_concurrent, "max_queue": 0}
+        return {"active": len(self._streams), "queued": 0, "max_concurrent": self.max_concurrent, "max_queue": 0}
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> TokenStream:
-        if self._active >= self.max_concurrent:
-            raise AdmissionError(f"busy: {self._active} replay streams running")
+        from meshnode.engine import SamplingParams, TokenStream
+
+        if len(self._streams) >= self.max_concurrent:
+            raise AdmissionError(f"busy: {len(self._streams)} replay streams running")
         params = params or SamplingParams()
         count = min(self.tokens, params.max_tokens)
         self._next_id += 1
         stream = TokenStream(request_id=self._next_id, prompt_tokens=len(prompt_ids),
                              loop=asyncio.get_running_loop())
-        self._active += 1
-        task = asyncio.get_running_loop().create_task(self._feed(stream, count), name=f"replay[{self._next_id}]")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._streams.append(_Replay(stream=stream, ids=self.completion.ids[:count], start=time.monotonic()))
+        if self._ticker is None or self._ticker.done():
+            self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="replay.ticker")
         return stream
 
-    async def _feed(self, stream: TokenStream, count: int) -> None:
-        ids = self.completion.ids[:count]
-        start = time.monotonic()
-        sent = 0
-        try:
-            while sent < count and not stream.cancelled:
-                due = min(count, int((time.monotonic() - start) * self.rate) + 1)
-                if due > sent:
-                    last = due >= count
-                    stream.put(ids[sent:due], "length" if last else None)
-                    sent = due
+    async def _tick(self) -> None:
+        while self._streams:
+            now = time.monotonic()
+            for replay in list(self._streams):
+                if replay.stream.cancelled:
+                    self._streams.remove(replay)
+                    continue
+                due = min(len(replay.ids), int((now - replay.start) * self.rate) + 1)
+                if due > replay.sent:
+                    last = due >= len(replay.ids)
+                    replay.stream.put(replay.ids[replay.sent:due], "length" if last else None)
+                    replay.sent = due
                     if last:
-                        return
-                await asyncio.sleep(max(0.0, start + sent / self.rate - time.monotonic()))
-        finally:
-            self._active -= 1
+                        self._streams.remove(replay)
+            await asyncio.sleep(self.tick_seconds)
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for replay in self._streams:
+            replay.stream.cancel()
+        self._streams.clear()
+        if self._ticker is not None:
+            self._ticker.cancel()
+            await asyncio.gather(self._ticker, return_exceptions=True)
+
+
+@dataclass
+class _Replay:
+    stream: Any
+    ids: list[int]
+    start: float
+    sent: int = 0
 
 
 def _main() -> None:  # pragma: no cover - maintenance entry point

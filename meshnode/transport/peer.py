@@ -19,6 +19,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
+from urllib.parse import unquote
 
 import aioice.ice
 from aiortc import (
@@ -125,6 +126,17 @@ def install_host_address_override(mode: HostAddressMode, addresses: Sequence[str
     logger.info("aioice host addresses: %s %s", mode, ", ".join(wanted) or "(none)")
 
 
+def parse_ice_url(url: str) -> dict[str, Any]:
+    """``turn:user:pass@host:port`` (credentials percent-encoded) → ``{urls, username, credential}``;
+    other URLs → ``{urls}``. This is how settings and flags carry TURN credentials."""
+    scheme, _, rest = url.partition(":")
+    if "@" in rest and scheme in ("turn", "turns"):
+        creds, _, host = rest.rpartition("@")
+        user, _, password = creds.partition(":")
+        return {"urls": f"{scheme}:{host}", "username": unquote(user), "credential": unquote(password)}
+    return {"urls": url}
+
+
 def build_ice_servers(servers: Sequence[IceServerSpec]) -> list[RTCIceServer]:
     """Turn ``["stun:…"]`` / ``[{"urls": …, "username": …, "credential": …}]`` into RTCIceServers.
 
@@ -135,7 +147,9 @@ def build_ice_servers(servers: Sequence[IceServerSpec]) -> list[RTCIceServer]:
         if isinstance(server, RTCIceServer):
             result.append(server)
         elif isinstance(server, str):
-            result.append(RTCIceServer(urls=server))
+            parsed = parse_ice_url(server)
+            result.append(RTCIceServer(urls=parsed["urls"], username=parsed.get("username"),
+                                       credential=parsed.get("credential")))
         else:
             result.append(
                 RTCIceServer(
@@ -201,11 +215,13 @@ class PeerLink:
         self._high_water = max(high_water_bytes, buffered_amount_low_bytes)
         self._drain_timeout = drain_timeout_seconds
         self._disconnected_grace = disconnected_grace_seconds
-        self._pc = RTCPeerConnection(RTCConfiguration(
-            iceServers=build_ice_servers(ice_servers),
-            # "relay": only TURN candidates (used by `meshnode bench` to force traffic through coturn).
-            iceTransportPolicy=RTCIceTransportPolicy(ice_transport_policy),
-        ))
+        self._pc = RTCPeerConnection(
+            RTCConfiguration(
+                iceServers=build_ice_servers(ice_servers),
+                # "relay": TURN candidates only (`meshnode bench` forces traffic through coturn).
+                iceTransportPolicy=RTCIceTransportPolicy(ice_transport_policy),
+            )
+        )
         self._channel: RTCDataChannel | None = None
         self._remote_ufrag: str | None = None
         self._has_remote = False
@@ -299,6 +315,9 @@ class PeerLink:
             await self._apply_candidate(*item)
 
     def _local_sdp(self) -> str:
+        if self.closed.done() or self._close_task is not None:
+            # Closed while gathering (e.g. the room was left): the description is meaningless.
+            raise PeerClosed("closed during negotiation", peer_id=self.peer_id)
         description = self._pc.localDescription
         sdp = description.sdp
         if _count_candidates(sdp) == 0:

@@ -246,7 +246,7 @@ def parse_chat(payload: Any) -> ChatMessage:
         raise LegionError("cm needs v=1 and a numeric ts")
     to = _str(payload, "to", MAX_PEER_ID_CHARS)
     kind = payload.get("bodyKind")
-    if kind not in {"text", "tokens", "frame"}:
+    if kind not in ("text", "tokens", "frame"):  # a tuple: hostile lists are unhashable (fuzz)
         raise LegionError("cm.bodyKind must be text, tokens or frame")
     text = None
     if kind == "text":
@@ -292,7 +292,7 @@ def parse_tool_frame(payload: Any) -> ToolCall | ToolResult:
         return ToolCall(call_id=call_id, tool_name=str(name), args=args)
     if kind == "result":
         status = payload.get("status")
-        if status not in {"ok", "error", "denied"}:
+        if status not in ("ok", "error", "denied"):
             raise LegionError("tc.status must be ok, error or denied")
         result = payload.get("result")
         if result is not None and not isinstance(result, dict):
@@ -350,7 +350,7 @@ def parse_engine_run(args: dict[str, Any], *, max_prompt_chars: int) -> EngineRu
         for i, msg in enumerate(history):
             if (
                 not isinstance(msg, dict)
-                or msg.get("role") not in {"system", "user", "assistant"}
+                or msg.get("role") not in ("system", "user", "assistant")
                 or not isinstance(msg.get("content"), str)
             ):
                 raise LegionError(f"messages[{i}] must be {{role: system|user|assistant, content: string}}")

@@ -421,6 +421,7 @@ class Delivery:
         nonce: the sender's message counter.
         payload: ``str``, ``bytes`` or a parsed JSON value (§8.3).
         metadata: parsed metadata, or ``NO_METADATA``.
+        size: reassembled bytes on the wire (payload + metadata), for per-peer memory accounting.
     """
 
     peer_id: str
@@ -428,6 +429,7 @@ class Delivery:
     nonce: int
     payload: Any
     metadata: Any
+    size: int = 0
 
 
 @dataclass
@@ -532,6 +534,7 @@ class Reassembler:
             nonce=chunk.nonce,
             payload=payload,
             metadata=partial.metadata,
+            size=partial.size,
         )
 
     def _add(self, peer_id: str, key: _Key, partial: _Partial, chunk: ActionChunk) -> bool:

@@ -25,6 +25,7 @@ import http.server
 import json
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import threading
@@ -105,8 +106,6 @@ def pattern_bytes(size: int, seed: int = 0) -> bytes:
 
 def loopback_only() -> bool:
     """True inside a loopback-only network namespace (the only interface is ``lo``)."""
-    import socket
-
     return [name for _, name in socket.if_nameindex()] == ["lo"]
 
 
@@ -201,40 +200,53 @@ def page_server(trystero_bundles: list[Path]) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def _private_tmpdir() -> Iterator[Path]:
-    """A fresh TMPDIR for the Playwright driver and Chromium (killed runs leave artifacts there)."""
-    path = Path(tempfile.mkdtemp(prefix="meshnode-chromium-"))
-    old = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = str(path)
+def _environ(name: str, value: str) -> Iterator[None]:
+    """Set one environment variable for the duration of the block."""
+    old = os.environ.get(name)
+    os.environ[name] = value
     try:
-        yield path
+        yield
     finally:
         if old is None:
-            os.environ.pop("TMPDIR", None)
+            os.environ.pop(name, None)
         else:
-            os.environ["TMPDIR"] = old
-        shutil.rmtree(path, ignore_errors=True)
+            os.environ[name] = old
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def browser() -> AsyncIterator[Any]:
-    """One headless Chromium for the whole session (Debian's binary; Playwright never downloads)."""
+    """One headless Chromium for the whole session (Debian's binary; Playwright never downloads).
+
+    The Playwright driver and Chromium get a private ``TMPDIR`` (killed runs leave
+    ``playwright-artifacts-*`` there), removed at the end; this process's own ``TMPDIR`` is only
+    changed while the driver starts (it copies the environment), so ``tempfile`` elsewhere is unaffected.
+    """
     if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
         _unavailable(f"Chromium not found at {CHROMIUM} (apt-get install chromium, or set MESHNODE_CHROMIUM)")
     try:
-        from playwright.async_api import async_playwright
+        from playwright.async_api import async_playwright  # noqa: PLC0415 - optional test dependency
     except ImportError:
         _unavailable("the Python package playwright is not installed")
-    with _private_tmpdir() as tmp:
-        async with async_playwright() as p:
-            env = {**os.environ, "TMPDIR": str(tmp)}
-            b = await p.chromium.launch(
-                executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS, env=env, timeout=30_000
+    tmp = Path(tempfile.mkdtemp(prefix="meshnode-chromium-"))
+    try:
+        with _environ("TMPDIR", str(tmp)):
+            playwright = await async_playwright().start()
+        try:
+            chromium = await playwright.chromium.launch(
+                executable_path=CHROMIUM,
+                headless=True,
+                args=CHROMIUM_FLAGS,
+                env={**os.environ, "TMPDIR": str(tmp)},
+                timeout=30_000,
             )
             try:
-                yield b
+                yield chromium
             finally:
-                await b.close()
+                await chromium.close()
+        finally:
+            await playwright.stop()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------- relays
@@ -307,8 +319,9 @@ class Tab:
         self.self_id = result["selfId"]
         return self.self_id
 
-    async def leave(self) -> None:
-        await self.page.evaluate("() => T.leave()")
+    async def leave(self, room_id: str | None = None) -> None:
+        """Leave `room_id`, or every room of the page."""
+        await self.page.evaluate("id => T.leave(id)", room_id)
 
     # -- waiting (always bounded, always on a page-side condition)
 
@@ -320,54 +333,86 @@ class Tab:
         finally:
             await handle.dispose()
 
-    async def wait_peer(self, peer_id: str | None = None, timeout: float = DEFAULT_WAIT_SECONDS) -> str:
-        """Wait for a join event (of ``peer_id`` if given); returns the peer id."""
+    async def wait_peer(
+        self, peer_id: str | None = None, timeout: float = DEFAULT_WAIT_SECONDS, room_id: str | None = None
+    ) -> str:
+        """Wait for a join event (of ``peer_id`` / in ``room_id`` if given); returns the peer id."""
         return await self.wait(
-            """id => {
-                 const e = T.events.find(e => e.type === 'join' && (!id || e.peerId === id))
+            """([id, room]) => {
+                 const e = T.events.find(e => e.type === 'join' && (!id || e.peerId === id)
+                                              && (!room || e.roomId === room))
                  return e && e.peerId
                }""",
-            peer_id,
+            [peer_id, room_id],
             timeout,
         )
 
-    async def wait_leave(self, peer_id: str, timeout: float = DEFAULT_WAIT_SECONDS) -> None:
-        await self.wait("id => T.events.some(e => e.type === 'leave' && e.peerId === id)", peer_id, timeout)
+    async def wait_leave(
+        self, peer_id: str, timeout: float = DEFAULT_WAIT_SECONDS, room_id: str | None = None
+    ) -> None:
+        await self.wait(
+            """([id, room]) => T.events.some(e => e.type === 'leave' && e.peerId === id
+                                                  && (!room || e.roomId === room))""",
+            [peer_id, room_id],
+            timeout,
+        )
 
     async def wait_messages(
-        self, action: str, count: int = 1, peer_id: str | None = None, timeout: float = DEFAULT_WAIT_SECONDS
+        self,
+        action: str,
+        count: int = 1,
+        peer_id: str | None = None,
+        timeout: float = DEFAULT_WAIT_SECONDS,
+        room_id: str | None = None,
     ) -> list[dict[str, Any]]:
         """Wait until ``count`` complete messages arrived on ``action``; return them in order."""
         return await self.wait(
-            """([action, count, id]) => {
-                 const m = T.messages.filter(m => m.action === action && (!id || m.peerId === id));
+            """([action, count, id, room]) => {
+                 const m = T.messages.filter(m => m.action === action && (!id || m.peerId === id)
+                                                  && (!room || m.roomId === room))
                  return m.length >= count && m.every(x => x.done) && m
                }""",
-            [action, count, peer_id],
+            [action, count, peer_id, room_id],
             timeout,
         )
 
     # -- actions
 
     async def send(
-        self, action: str, data: dict[str, Any], target: str | None = None, timeout: float = 60.0
+        self,
+        action: str,
+        data: dict[str, Any],
+        target: str | None = None,
+        timeout: float = 60.0,
+        room_id: str | None = None,
     ) -> Any:
         """``T.send``: `data` is a payload descriptor (www/harness.js ``toPayload``)."""
         return await asyncio.wait_for(
-            self.page.evaluate("([a, d, t]) => T.send(a, d, t)", [action, data, target]), timeout
+            self.page.evaluate("([a, d, t, r]) => T.send(a, d, t, r)", [action, data, target, room_id]),
+            timeout,
         )
 
-    async def send_json(self, action: str, value: Any, target: str | None = None) -> Any:
-        return await self.send(action, {"kind": "json", "value": value}, target)
+    async def send_json(
+        self, action: str, value: Any, target: str | None = None, room_id: str | None = None
+    ) -> Any:
+        return await self.send(action, {"kind": "json", "value": value}, target, room_id=room_id)
 
-    async def send_string(self, action: str, value: str, target: str | None = None) -> Any:
-        return await self.send(action, {"kind": "string", "value": value}, target)
+    async def send_string(
+        self, action: str, value: str, target: str | None = None, room_id: str | None = None
+    ) -> Any:
+        return await self.send(action, {"kind": "string", "value": value}, target, room_id=room_id)
 
-    async def send_bytes(self, action: str, data: bytes, target: str | None = None) -> Any:
-        return await self.send(action, {"kind": "binary", "b64": base64.b64encode(data).decode()}, target)
+    async def send_bytes(
+        self, action: str, data: bytes, target: str | None = None, room_id: str | None = None
+    ) -> Any:
+        descriptor = {"kind": "binary", "b64": base64.b64encode(data).decode()}
+        return await self.send(action, descriptor, target, room_id=room_id)
 
-    async def send_pattern(self, action: str, size: int, seed: int = 0, target: str | None = None) -> Any:
-        return await self.send(action, {"kind": "binary", "size": size, "seed": seed}, target)
+    async def send_pattern(
+        self, action: str, size: int, seed: int = 0, target: str | None = None, room_id: str | None = None
+    ) -> Any:
+        descriptor = {"kind": "binary", "size": size, "seed": seed}
+        return await self.send(action, descriptor, target, room_id=room_id)
 
     # -- inspection
 

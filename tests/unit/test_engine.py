@@ -271,6 +271,41 @@ async def test_stop_strings(engine: TorchEngine) -> None:
         assert chunks[-1].finish_reason == "stop"
 
 
+class SentencePieceLikeTokenizer(CharTokenizer):
+    """Every fourth id starts a word with a space, and decoding drops the leading space."""
+
+    @staticmethod
+    def piece(token: int) -> str:
+        return (" " if token % 4 == 0 else "") + CharTokenizer.piece(token)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return "".join(self.piece(i) for i in ids).lstrip(" ")
+
+
+async def test_stop_string_at_a_word_start(tiny_model: LlamaForCausalLM) -> None:
+    """A stop string starting with a space is found even when the tail is decoded alone."""
+    async with asyncio.timeout(TIMEOUT_SECONDS):
+        tokenizer = SentencePieceLikeTokenizer()
+        async with TorchEngine(tiny_model, tokenizer, model_id="tiny") as engine:
+            for index in range(8):
+                full = await solo(engine, prompt(index), GREEDY)
+                starts = [j for j in range(2, len(full) - 1) if full[j] % 4 == 0]
+                if starts:
+                    break
+            else:
+                pytest.skip("no word start in the greedy outputs")
+            j = starts[0]
+            stop = tokenizer.piece(full[j]) + tokenizer.piece(full[j + 1])[0]
+            text = tokenizer.decode(full)
+            at = text.find(stop)
+            expected = max(k for k in range(len(full) + 1) if len(tokenizer.decode(full[:k])) <= at)
+            stream = engine.generate(
+                prompt(index), SamplingParams(temperature=0.0, max_tokens=24, stop=stop)
+            )
+            assert await stream.collect() == full[:expected]
+            assert (stream.finish_reason, stream.matched_stop) == ("stop", stop)
+
+
 async def test_held_back_stop_prefix_is_flushed_at_length(engine: TorchEngine) -> None:
     """Ids held back because they might start a stop string are emitted when it never completes."""
     async with asyncio.timeout(TIMEOUT_SECONDS):

@@ -2,8 +2,8 @@
 //
 // Settings come from GET /config.json (written by `meshnode join --web`), overridden by query
 // parameters: ?strategy=mqtt|nostr|torrent &relay=URL (repeatable or comma-separated) &appId= &room=
-// &nick= &autojoin=0. The room password is never put in the page by the server: when the room has
-// one, the page asks for it.
+// &nick= &autojoin=0 &relayGraceMs= (how long with no open relay before it is reported down).
+// The room password is never put in the page by the server: when the room has one, the page asks.
 //
 // window.meshClient is a small hook for tests and the console: {state, ready, join, leave, ask, ai,
 // cancel, callTool, guardCap, detokenize, config}.
@@ -46,6 +46,7 @@ async function loadConfig() {
     iceServers: Array.isArray(config.iceServers) ? config.iceServers : [],
     passwordRequired: Boolean(config.passwordRequired),
     autojoin: q.get('autojoin') !== '0',
+    relayGraceMs: Number(q.get('relayGraceMs')) || undefined,
     node: config.node ?? null,
     problem,
   }
@@ -54,7 +55,9 @@ async function loadConfig() {
 // ------------------------------------------------------------------ rendering
 
 function fmtLoad(load) {
-  return load ? `${load.active} running, ${load.queued} queued, max ${load.max}` : '—'
+  if (!load) return '—'
+  const busy = load.active || load.queued ? `${load.active} running, ${load.queued} queued` : 'idle'
+  return `${busy} (max ${load.max})`
 }
 
 function statsLine(s) {
@@ -110,7 +113,7 @@ class View {
       const availability = !p.capOk ? `invalid cap: ${p.capError}` : p.engine ? (p.available ? 'available' : 'busy') : 'no engine'
       body.append(el('tr', { 'data-peer': p.id },
         el('td', { textContent: p.nick }),
-        el('td', { textContent: p.modelId ?? '—' }),
+        el('td', { textContent: p.modelId ?? '—', className: 'model' }),
         el('td', { textContent: fmtLoad(p.load) }),
         el('td', { textContent: availability, className: p.available ? 'ok' : 'muted' })))
       if (p.engine) options.push(el('option', { value: p.id, textContent: `${p.nick} (${p.modelId})` }))
@@ -139,7 +142,7 @@ class View {
       }
       const text = m.text || (m.done ? '' : '…')
       if (node.children[1].textContent !== text) node.children[1].textContent = text
-      const stats = m.callId ? s.calls[m.callId] : m.ai ? s.aiStreams.find(a => a.id === m.id) : null
+      const stats = m.role === 'assistant' && m.callId ? s.calls[m.callId] : m.ai ? s.aiStreams.find(a => a.id === m.id) : null
       const line = statsLine(stats)
       if (node.children[2].textContent !== line) node.children[2].textContent = line
       node.classList.toggle('streaming', !m.done)
@@ -153,7 +156,7 @@ class View {
 async function main() {
   const config = await loadConfig()
   let view = null
-  const client = new MeshClient({ onChange: () => view?.schedule() })
+  const client = new MeshClient({ onChange: () => view?.schedule(), relayGraceMs: config.relayGraceMs })
   view = new View(client)
   client.state.config = config
 

@@ -24,8 +24,9 @@ export const CAP_HEARTBEAT_MS = 30_000
 export const ROSTER_TTL_MS = 90_000
 export const CALL_TIMEOUT_MS = 120_000
 export const TOOL_TIMEOUT_MS = 30_000
+const RESULT_GRACE_MS = 3_000
 const RELAY_CHECK_MS = 1_000
-const RELAY_GRACE_MS = 8_000
+export const RELAY_GRACE_MS = 8_000
 const MAX_LOG = 5_000
 
 const now = () => performance.now()
@@ -51,8 +52,9 @@ function parseAi(text) {
 }
 
 export class MeshClient {
-  constructor({ onChange = () => {} } = {}) {
+  constructor({ onChange = () => {}, relayGraceMs = RELAY_GRACE_MS } = {}) {
     this.onChange = onChange
+    this.relayGraceMs = relayGraceMs
     this.room = null
     this.module = null
     this.actions = {}
@@ -185,7 +187,7 @@ export class MeshClient {
     for (const url of this.state.relayUrls ?? []) relays[url] = 'connecting'
     for (const [url, socket] of Object.entries(sockets)) relays[url] = names[socket?.readyState] ?? 'unknown'
     const anyOpen = Object.values(relays).includes('open')
-    const stale = now() - this.state.joinedAt > RELAY_GRACE_MS
+    const stale = now() - this.state.joinedAt > this.relayGraceMs
     this.state.relays = relays
     if (!anyOpen && stale && !this.state.relayProblem) {
       this.state.relayProblem = `relay unreachable: ${Object.keys(relays).join(', ')}`
@@ -315,21 +317,23 @@ export class MeshClient {
     if (topP !== undefined) args.top_p = topP
     if (system) args.system = system
     if (history && peer.historySupported) {
-      const turns = this.state.messages.filter(m => m.peerId === peer.id && m.done && (m.role === 'user' || m.role === 'assistant') && m.text)
+      // Earlier engine_run turns with this peer that completed (no /ai lines, no failed answers).
+      const ok = id => this.state.calls[id]?.status === 'ok'
+      const turns = this.state.messages.filter(m => m.callId && m.peerId === peer.id && m.text && ok(m.callId))
       if (turns.length) args.messages = turns.slice(-20).map(m => ({ role: m.role, content: m.text }))
     }
     const call = {
       callId, peerId: peer.id, nick: peer.nick, prompt, args, mode: null, startedAt: round(now()),
       text: '', tokens: 0, frames: 0, bytes: 0, ttftMs: null, tokPerSec: null, bytesPerToken: null,
       firstAt: null, firstTokens: 0, lastAt: null, streamDone: false, finishReason: null,
-      result: null, resultText: null, status: null, error: null, finished: false,
+      result: null, pendingResult: null, resultText: null, status: null, error: null, finished: false,
     }
     call.detok = new Detokenizer(map.tokenMap)
     call.chain = Promise.resolve()
     Object.defineProperty(call, 'detok', { enumerable: false })
     Object.defineProperty(call, 'chain', { enumerable: false, writable: true })
     this.state.calls[callId] = call
-    this.state.messages.push({ id: `u-${callId}`, role: 'user', peerId: peer.id, text: prompt, done: true })
+    this.state.messages.push({ id: `u-${callId}`, role: 'user', peerId: peer.id, callId, text: prompt, done: true })
     this.state.messages.push({ id: callId, role: 'assistant', peerId: peer.id, nick: peer.nick, callId, text: '', done: false })
     call.timer = setTimeout(() => {
       if (!call.finished) this.finishCall(call, { error: `${peer.nick} sent no result within ${CALL_TIMEOUT_MS / 1000} s`, kind: 'timeout' })
@@ -360,6 +364,7 @@ export class MeshClient {
   finishCall(call, { result = null, error = null, kind = null }) {
     if (call.finished) return
     clearTimeout(call.timer)
+    clearTimeout(call.pendingTimer)
     if (!call.streamDone) call.text += call.detok.flush()
     if (result) {
       call.result = result
@@ -390,6 +395,7 @@ export class MeshClient {
     const t = now()
     call.frames += 1
     call.bytes += size
+    call.dataBytes = (call.dataBytes ?? 0) + size
     if (frame.ids.length) {
       if (call.firstAt === null) {
         call.firstAt = t
@@ -401,7 +407,8 @@ export class MeshClient {
       const span = (call.lastAt - call.firstAt) / 1000
       if (span > 0) call.tokPerSec = round((call.tokens - call.firstTokens) / span)
     }
-    call.bytesPerToken = call.tokens ? round(call.bytes / call.tokens) : null
+    // Token-carrying cf payload bytes (Trystero framing excluded) per token; READY/END are in `bytes`.
+    call.bytesPerToken = call.tokens ? round(call.dataBytes / call.tokens) : null
     call.text += call.detok.render(frame.ids, { partial: !frame.done })
     if (frame.done) {
       call.streamDone = true
@@ -409,6 +416,11 @@ export class MeshClient {
     }
     const bubble = this.state.messages.find(m => m.id === (call.callId ?? call.id))
     if (bubble) bubble.text = call.text
+    if (call.streamDone && call.pendingResult) {
+      clearTimeout(call.pendingTimer)
+      this.finishCall(call, { result: call.pendingResult })
+      return
+    }
     this.changed()
   }
 
@@ -599,7 +611,17 @@ export class MeshClient {
     }
     const call = this.state.calls[frame.callId]
     if (!call || call.peerId !== peerId || call.finished) return
-    // END travels before the result on the same ordered channel: finish after queued frames.
-    call.chain = call.chain.then(() => this.finishCall(call, { result: { status: frame.status, result: frame.result, error: frame.error } }))
+    const result = { status: frame.status, result: frame.result, error: frame.error }
+    // END normally travels before the result on the same ordered channel; should the result
+    // overtake the last frames, give them a moment before finishing.
+    call.chain = call.chain.then(() => {
+      if (call.streamDone || frame.status !== 'ok' || call.mode !== 'envelope') {
+        this.finishCall(call, { result })
+        return
+      }
+      call.pendingResult = result
+      call.pendingTimer = setTimeout(() => this.finishCall(call, { result }), RESULT_GRACE_MS)
+      Object.defineProperty(call, 'pendingTimer', { enumerable: false })
+    })
   }
 }

@@ -4,19 +4,21 @@
 //   await T.join({strategy, relayUrls, appId, roomId, password, actions, debug, handshakeTimeoutMs})
 //       loads ./lib/trystero-<strategy>.js (real @trystero-p2p/<strategy>, bundled by
 //       scripts/build-web.sh) and joins; relayUrls are mandatory and ICE servers are always [].
-//       Returns {selfId}.
-//   await T.send(action, data, target?)   data is a descriptor (JSON-serialisable, see toPayload):
+//       Returns {selfId}. Calling it again with another roomId joins a second room of the same
+//       page (same selfId, so Trystero shares one connection per peer between the rooms).
+//   await T.send(action, data, target?, roomId?)   data is a JSON-serialisable descriptor:
 //       {kind: 'json', value} | {kind: 'string', value} | {kind: 'binary', b64}
 //       | {kind: 'binary', size, seed}   (deterministic pattern, see patternBytes)
-//   await T.leave()
-//   await T.stats()                       selected ICE candidate pair of every connected peer
-//   T.selfId, T.peers (ids of active peers), T.events, T.messages, T.frames, T.wsLog, T.pcLog
+//   await T.leave(roomId?)                 one room, or all of them
+//   await T.stats()                        selected ICE candidate pair of every connected peer
+//   T.selfId, T.peers (active peers of the first room), T.peersIn(roomId), T.events, T.messages,
+//   T.frames, T.wsLog, T.pcLog. roomId arguments default to the first room joined.
 //
 // T.events:   {seq, t, type: 'joinCalled'|'join'|'leave'|'joinError'|'sent'|'selfLeave'|'error',
-//              peerId, ...}; t = performance.now() in ms
-// T.messages: {seq, t, action, peerId, kind: 'json'|'string'|'binary', value?, size, sha256?,
-//              b64? (binary <= 4096 bytes), metadata?, done}; `done` turns true once the SHA-256 of a
-//              binary payload is known (immediately for the other kinds).
+//              roomId, peerId, ...}; t = performance.now() in ms
+// T.messages: {seq, t, roomId, action, peerId, kind: 'json'|'string'|'binary', value?, size,
+//              sha256?, b64? (binary <= 4096 bytes), metadata?, done}; `done` turns true once the
+//              SHA-256 of a binary payload is known (immediately for the other kinds).
 // T.frames:   every data-channel message in or out, decoded at the Trystero frame level
 //             (trystero-wire §8.1/§8.2): {dir, frame: 'room'|'presence'|'text'|'unknown', name,
 //             nonce, tag, progress, len, head, present, token}; head = payload hex (all of it up to
@@ -30,16 +32,23 @@ let seq = 0
 const T = {
   selfId: null,
   strategy: null,
-  room: null,
-  actions: {},
+  rooms: {}, // roomId -> {room, actions}
+  primary: null, // the first roomId joined (default for roomId arguments)
   events: [],
   messages: [],
   frames: [],
   wsLog: [],
   pcLog: [],
   pcs: [],
+  get room() {
+    return this.rooms[this.primary]?.room ?? null
+  },
   get peers() {
-    return this.room ? Object.keys(this.room.getPeers()) : []
+    return this.peersIn(this.primary)
+  },
+  peersIn(roomId) {
+    const entry = this.rooms[roomId ?? this.primary]
+    return entry ? Object.keys(entry.room.getPeers()) : []
   },
   join,
   send,
@@ -247,12 +256,21 @@ function describe(data) {
   return { kind: 'json', value: data, size: JSON.stringify(data)?.length ?? 0 }
 }
 
-function action(name) {
-  if (!T.room) throw new Error('not joined')
-  if (!T.actions[name]) {
-    const act = T.room.makeAction(name)
+function roomEntry(roomId) {
+  const entry = T.rooms[roomId ?? T.primary]
+  if (!entry) throw new Error(`not in room ${roomId ?? T.primary}`)
+  return entry
+}
+
+function action(name, roomId) {
+  const entry = roomEntry(roomId)
+  if (!entry.actions[name]) {
+    const act = entry.room.makeAction(name)
+    const rid = entry.roomId
     act.onMessage = (data, { peerId, metadata }) => {
-      const rec = record(T.messages, { action: name, peerId, ...describe(data), metadata, done: false })
+      const rec = record(T.messages, {
+        roomId: rid, action: name, peerId, ...describe(data), metadata, done: false,
+      })
       if (data instanceof Uint8Array) {
         if (data.byteLength <= 4096) rec.b64 = bytesToB64(data)
         sha256Hex(data).then(h => {
@@ -263,21 +281,22 @@ function action(name) {
         rec.done = true
       }
     }
-    T.actions[name] = act
+    entry.actions[name] = act
   }
-  return T.actions[name]
+  return entry.actions[name]
 }
 
 async function join({
   strategy, relayUrls, appId, roomId, password = '', actions = ['json', 'bin', 'text'],
   debug = false, handshakeTimeoutMs,
 }) {
-  if (T.room) throw new Error('already joined')
+  if (T.rooms[roomId]) throw new Error(`already in room ${roomId}`)
   if (!Array.isArray(relayUrls) || relayUrls.length === 0) {
     throw new Error('relayUrls is required (never fall back to public relays)')
   }
   if (debug) installWebSocketTap()
   const mod = await import(`./lib/trystero-${strategy}.js`)
+  if (T.selfId && T.selfId !== mod.selfId) throw new Error('one strategy per page (one selfId)')
   T.strategy = strategy
   T.selfId = mod.selfId
   const config = {
@@ -288,38 +307,48 @@ async function join({
   }
   if (password) config.password = password
   const callbacks = {
-    onJoinError: e => event('joinError', { peerId: e.peerId, error: String(e.error) }),
+    onJoinError: e => event('joinError', { roomId, peerId: e.peerId, error: String(e.error) }),
   }
   if (handshakeTimeoutMs) callbacks.handshakeTimeoutMs = handshakeTimeoutMs
-  event('joinCalled', { strategy, appId, roomId })
-  T.room = mod.joinRoom(config, roomId, callbacks)
-  T.room.onPeerJoin = peerId => event('join', { peerId })
-  T.room.onPeerLeave = peerId => event('leave', { peerId })
-  for (const name of actions) action(name)
+  event('joinCalled', { roomId, strategy, appId })
+  const room = mod.joinRoom(config, roomId, callbacks)
+  T.rooms[roomId] = { roomId, room, actions: {} }
+  T.primary ??= roomId
+  room.onPeerJoin = peerId => event('join', { roomId, peerId })
+  room.onPeerLeave = peerId => event('leave', { roomId, peerId })
+  for (const name of actions) action(name, roomId)
   return { selfId: T.selfId }
 }
 
-async function send(name, data, target) {
+async function send(name, data, target, roomId) {
   const payload = toPayload(data)
+  const act = action(name, roomId)
   const started = now()
-  await action(name).send(payload, target ? { target } : undefined)
+  await act.send(payload, target ? { target } : undefined)
   const size = payload instanceof Uint8Array ? payload.byteLength : undefined
-  event('sent', { action: name, target: target ?? null, kind: data.kind, size, ms: now() - started })
+  event('sent', {
+    roomId: roomId ?? T.primary, action: name, target: target ?? null, kind: data.kind, size,
+    ms: now() - started,
+  })
   return { size }
 }
 
-async function leave() {
-  if (!T.room) return
-  const room = T.room
-  await room.leave()
-  T.room = null
-  T.actions = {}
-  event('selfLeave', {})
+async function leave(roomId) {
+  const ids = roomId ? [roomId] : Object.keys(T.rooms)
+  for (const id of ids) {
+    const entry = T.rooms[id]
+    if (!entry) continue
+    await entry.room.leave()
+    delete T.rooms[id]
+    event('selfLeave', { roomId: id })
+  }
+  if (!T.rooms[T.primary]) T.primary = Object.keys(T.rooms)[0] ?? null
 }
 
 async function stats() {
   const out = {}
-  for (const [peerId, pc] of Object.entries(T.room ? T.room.getPeers() : {})) {
+  const peers = Object.assign({}, ...Object.values(T.rooms).map(e => e.room.getPeers()))
+  for (const [peerId, pc] of Object.entries(peers)) {
     const report = await pc.getStats()
     let pairId = null
     report.forEach(s => {

@@ -1,0 +1,259 @@
+"""Benchmark: time to first token through the mesh vs directly from the engine, in one run.
+
+One embedded-model engine (SmolLM2-135M-Instruct, CPU) serves both paths:
+
+* **local**: ``engine.encode_chat`` + ``engine.generate`` (greedy) → the first chunk with ids;
+* **mesh**, per strategy (ws-relay, mqtt on loopback relays started like the tests do): a
+  ``Node`` serves a room; a Python asker (``meshnode.asker`` building blocks: ``find_server``,
+  ``ToolClient``, the HELLO envelope) stays joined and, per request, sends HELLO + ``tc
+  engine_run`` and waits for the first DATA frame carrying ids. Also recorded: the node's own
+  ``ttft_ms`` from the tool result (prompt encode + queue + prefill + first decode, node side),
+  and per request the difference asker TTFT − node TTFT: the time spent in transit (HELLO + call
+  to the node, first DATA frame back), which host load does not skew the way it skews TTFT.
+
+Requests are interleaved (local, then each strategy) so that host load drifts hit all paths alike.
+The node and the asker share one event loop (aiortc is pure Python), so the mesh figures include
+both sides' CPU time on this host. Loopback only: ``ice_servers=[]``, host address 127.0.0.1.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/ttft_mesh.py              # 10 runs, ws-relay + mqtt
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/ttft_mesh.py --runs 3     # quick
+
+Results go to ``bench/results/ttft_mesh.json`` (with the command line, host and load average) and a
+table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from meshnode.asker import ToolClient, find_server, new_call_id  # noqa: E402
+from meshnode.config import load_settings  # noqa: E402
+from meshnode.engine import SamplingParams, TorchEngine  # noqa: E402
+from meshnode.models import resolve_model  # noqa: E402
+from meshnode.node import Node, room_config  # noqa: E402
+from meshnode.room import Room  # noqa: E402
+from meshnode.wire.codec import DATA, END, HELLO, CodecFrame, Envelope, decode_cf_payload, decode_frame, encode_envelope  # noqa: E402
+from tests import relays  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "ttft_mesh.json"
+STRATEGIES = ["ws-relay", "mqtt"]
+LOOPBACK = {"host_addresses_mode": "only", "host_addresses": ["127.0.0.1"], "ice_servers": []}
+PROMPTS = [
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "Explain entropy in one sentence.",
+    "What does a compiler do?",
+    "Why is the sky blue?",
+]
+TIMEOUT_S = 120.0
+
+
+@contextlib.contextmanager
+def relay_for(strategy: str) -> Iterator[str]:
+    launcher = {"ws-relay": relays.wsrelay_relay, "mqtt": relays.mosquitto_relay}[strategy]
+    with launcher() as relay:
+        yield relay.url
+
+
+class MeshPath:
+    """A node and a joined asker for one strategy."""
+
+    def __init__(self, strategy: str, url: str, engine: TorchEngine) -> None:
+        self.strategy = strategy
+        self.settings, _ = load_settings(None, env={}, flags={
+            ("room", "strategy"): strategy, ("room", "relays"): [url], ("room", "room"): f"ttft-{strategy}",
+            ("room", "app_id"): f"meshnode-bench-{os.getpid()}", ("webrtc", "ice_servers"): []})
+        self.node = Node(self.settings, engine, room_overrides=LOOPBACK)
+        self.stop = asyncio.Event()
+        self.serving: asyncio.Task[None] | None = None
+        self.asker: Room | None = None
+        self.tools: ToolClient | None = None
+        self.reader: asyncio.Task[None] | None = None
+        self.frames: Any = None
+        self.peer_id = ""
+        self.join_seconds = 0.0
+
+    async def start(self) -> None:
+        self.serving = asyncio.create_task(self.node.run(self.stop, drain_seconds=2))
+        async with asyncio.timeout(TIMEOUT_S):
+            await self.node.started.wait()
+        started = time.perf_counter()
+        self.asker = await Room.join(room_config(self.settings, **LOOPBACK))
+        self.frames = self.asker.make_action("cf")
+        self.tools = ToolClient(self.asker)
+        self.reader = asyncio.create_task(self.tools.run())
+        self.peer_id, _ = await find_server(self.asker, self.asker.make_action("cap"), TIMEOUT_S)
+        self.join_seconds = time.perf_counter() - started
+
+    async def close(self) -> None:
+        if self.reader is not None:
+            self.reader.cancel()
+            await asyncio.gather(self.reader, return_exceptions=True)
+        if self.asker is not None:
+            await self.asker.leave()
+        self.stop.set()
+        if self.serving is not None:
+            await asyncio.wait_for(self.serving, 30)
+
+    async def ask(self, prompt: str, max_tokens: int) -> dict[str, Any]:
+        assert self.tools is not None
+        call_id = new_call_id()
+        hello = Envelope(kind=HELLO, stream_id=call_id, seq=0,
+                         body={"codec_version": 1, "accept_compression": ["identity"], "intent": "chat"})
+        started = time.perf_counter()
+        await self.frames.send(encode_envelope(hello), target=self.peer_id)
+        args = {"user": prompt, "max_tokens": max_tokens, "temperature": 0}
+        call = asyncio.create_task(self.tools.call(self.peer_id, "engine_run", args, call_id, TIMEOUT_S))
+        first: float | None = None
+        tokens = 0
+        async with asyncio.timeout(TIMEOUT_S):
+            while True:
+                message = await self.frames.receive()
+                if message.peer_id != self.peer_id or not isinstance(message.payload, bytes):
+                    continue
+                decoded = decode_cf_payload(message.payload)
+                if isinstance(decoded, CodecFrame) or decoded.stream_id != call_id:
+                    continue
+                if decoded.kind == DATA and isinstance(decoded.body, bytes):
+                    frame = decode_frame(decoded.body)
+                    if frame.ids and first is None:
+                        first = time.perf_counter() - started
+                    tokens += len(frame.ids)
+                elif decoded.kind == END:
+                    break
+        result = await call
+        content = (result.result or {}).get("content", {})
+        return {"ttft_s": first, "total_s": time.perf_counter() - started, "tokens": tokens,
+                "node_ttft_s": None if content.get("ttft_ms") is None else content["ttft_ms"] / 1000,
+                "status": result.status}
+
+
+async def local_ttft(engine: TorchEngine, prompt: str, max_tokens: int) -> dict[str, Any]:
+    started = time.perf_counter()
+    ids = engine.encode_chat([{"role": "user", "content": prompt}])
+    first: float | None = None
+    tokens = 0
+    async with engine.generate(ids, SamplingParams(temperature=0, max_tokens=max_tokens)) as stream:
+        async for chunk in stream:
+            if chunk.ids and first is None:
+                first = time.perf_counter() - started
+            tokens += len(chunk.ids)
+    return {"ttft_s": first, "total_s": time.perf_counter() - started, "tokens": tokens}
+
+
+def summarise(values: list[float | None]) -> dict[str, float] | None:
+    clean = sorted(v for v in values if v is not None)
+    if not clean:
+        return None
+    return {"n": len(clean), "min": clean[0], "median": statistics.median(clean), "max": clean[-1],
+            "p90": clean[min(len(clean) - 1, int(round(0.9 * (len(clean) - 1))))]}
+
+
+@contextlib.asynccontextmanager
+async def mesh_paths(strategies: list[str], engine: TorchEngine) -> AsyncIterator[dict[str, MeshPath]]:
+    with contextlib.ExitStack() as relays_stack:
+        urls = {s: relays_stack.enter_context(relay_for(s)) for s in strategies}
+        paths: dict[str, MeshPath] = {}
+        try:
+            for strategy in strategies:
+                path = MeshPath(strategy, urls[strategy], engine)
+                paths[strategy] = path
+                await path.start()
+            yield paths
+        finally:
+            for path in paths.values():
+                with contextlib.suppress(Exception):
+                    await path.close()
+
+
+async def bench(strategies: list[str], runs: int, max_tokens: int, warmup: int) -> dict[str, Any]:
+    loaded = await asyncio.to_thread(resolve_model, None, device="cpu", dtype="bfloat16", progress=False)
+    engine = TorchEngine.from_loaded(loaded, max_concurrent=4)
+    samples: dict[str, list[dict[str, Any]]] = {"local": [], **{s: [] for s in strategies}}
+    async with engine, mesh_paths(strategies, engine) as paths:
+        joins = {s: p.join_seconds for s, p in paths.items()}
+        for i in range(warmup + runs):
+            prompt = PROMPTS[i % len(PROMPTS)]
+            row = {"local": await local_ttft(engine, prompt, max_tokens)}
+            for strategy, path in paths.items():
+                row[strategy] = await path.ask(prompt, max_tokens)
+            if i >= warmup:
+                for key, value in row.items():
+                    samples[key].append({"prompt": prompt, **value})
+            label = "warmup" if i < warmup else f"run {i - warmup + 1}/{runs}"
+            print(f"{label:10} " + "  ".join(
+                f"{k} {v['ttft_s'] * 1000:7.1f} ms" if v["ttft_s"] is not None else f"{k} -" for k, v in row.items()),
+                flush=True)
+    results: dict[str, Any] = {}
+    local_median = (summarise([s["ttft_s"] for s in samples["local"]]) or {}).get("median")
+    for key, rows in samples.items():
+        entry: dict[str, Any] = {"ttft_s": summarise([r["ttft_s"] for r in rows]),
+                                 "total_s": summarise([r["total_s"] for r in rows]), "samples": rows}
+        if key != "local":
+            entry["node_ttft_s"] = summarise([r["node_ttft_s"] for r in rows])
+            # Paired per request, so host load cancels out: request transit + first frame transit.
+            entry["transport_s"] = summarise([r["ttft_s"] - r["node_ttft_s"] for r in rows
+                                              if r["ttft_s"] is not None and r["node_ttft_s"] is not None])
+            entry["join_and_discover_s"] = joins[key]
+            median = (entry["ttft_s"] or {}).get("median")
+            if median is not None and local_median is not None:
+                entry["overhead_median_s"] = median - local_median
+        results[key] = entry
+    return {"model": engine.model_id, "max_tokens": max_tokens, "runs": runs, "warmup": warmup, "results": results}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=STRATEGIES)
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR)
+    load_before = os.getloadavg()
+    report = asyncio.run(bench(args.strategies, args.runs, args.max_tokens, args.warmup))
+    document = {
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "host": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+                 "load_average_before": load_before, "load_average_after": os.getloadavg()},
+        "what": "time to first token: engine direct vs Python asker -> meshnode over loopback relays "
+                "(HELLO + tc engine_run -> first DATA frame with ids)",
+        **report,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(document, indent=2) + "\n")
+    print()
+    for key, entry in report["results"].items():
+        ttft = entry["ttft_s"]
+        if ttft:
+            extra = ""
+            if entry.get("node_ttft_s") and entry.get("transport_s"):
+                extra = (f"  node-side {entry['node_ttft_s']['median'] * 1000:.1f} ms,"
+                         f" transport {entry['transport_s']['median'] * 1000:.1f} ms")
+            print(f"{key:9} TTFT median {ttft['median'] * 1000:7.1f} ms  min {ttft['min'] * 1000:7.1f}  "
+                  f"p90 {ttft['p90'] * 1000:7.1f}{extra}")
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

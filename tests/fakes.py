@@ -1,0 +1,160 @@
+"""Fakes with real timing for the hardening tests and `bench/soak.py` (issue 8).
+
+`TimedEngine` stands in for :class:`meshnode.engine.TorchEngine` where the model is irrelevant
+(abuse, faults, soak): every stream yields the ids ``first_id, first_id + 1, …`` at ``rate`` tokens
+per second on a fixed schedule, so a receiver can check that nothing was lost, and timings
+(time to first token, tokens per second) are real wall-clock figures. (The service imports
+meshnode.engine, hence torch, on its first call; this module does it up front so that the first
+measured call does not pay ~3 s of import time.)
+
+Knobs for fault injection: a prompt containing ``FAIL_MARKER`` makes its stream fail after
+``fail_after`` tokens (an engine error in one request); ``generate`` refuses as busy beyond
+``max_concurrent + max_queue`` streams or ``max_batch_tokens`` reserved tokens, like the real engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import meshnode.engine  # noqa: F401 - see the module docstring
+from meshnode.errors import AdmissionError, MeshError
+from meshnode.modelinfo import ModelInfo
+
+FAIL_MARKER = "<<engine-fault>>"
+MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+class EngineFault(MeshError):
+    """The injected engine error."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    ids: list[int]
+    finish_reason: str | None
+
+
+class TimedStream:
+    """One generation: ids due at ``start + k / rate`` (k = 0, 1, …), then a final chunk."""
+
+    def __init__(self, engine: TimedEngine, count: int, first_id: int, fail_after: int | None, reserve: int) -> None:
+        self.engine = engine
+        self.count = count
+        self.first_id = first_id
+        self.fail_after = fail_after
+        self.reserve = reserve
+        self.sent = 0
+        self.start = time.monotonic()
+        self.cancelled = False
+        self.finished = False
+
+    def cancel(self) -> None:
+        if not self.cancelled and not self.finished:
+            self.cancelled = True
+        self._release()
+
+    def _release(self) -> None:
+        if self in self.engine.streams:
+            self.engine.streams.remove(self)
+            self.engine.reserved -= self.reserve
+
+    def __aiter__(self) -> TimedStream:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        if self.cancelled or self.finished:
+            raise StopAsyncIteration
+        if self.fail_after is not None and self.sent >= self.fail_after:
+            self.finished = True
+            self._release()
+            raise EngineFault("injected engine fault")
+        now = time.monotonic()
+        due = min(self.count, int((now - self.start) * self.engine.rate) + 1)
+        if due <= self.sent:
+            await asyncio.sleep(max(0.0, self.start + self.sent / self.engine.rate - now))
+            due = min(self.count, int((time.monotonic() - self.start) * self.engine.rate) + 1)
+            due = max(due, self.sent + 1)
+        if self.fail_after is not None:
+            due = min(due, self.fail_after)
+        ids = list(range(self.first_id + self.sent, self.first_id + due))
+        self.sent = due
+        last = self.sent >= self.count
+        if last:
+            self.finished = True
+            self.engine.completed += 1
+            self._release()
+        return Chunk(ids, "length" if last else None)
+
+
+class TimedEngine:
+    """A GenerationEngine look-alike with real timing (see the module docstring)."""
+
+    model_id = MODEL_ID
+    tokenizer = None
+
+    def __init__(self, *, rate: float = 50.0, tokens: int = 64, max_concurrent: int = 64, max_queue: int = 0,
+                 max_batch_tokens: int = 0, fail_after: int = 3) -> None:
+        self.rate = rate
+        self.tokens = tokens
+        self.max_concurrent = max_concurrent
+        self.max_queue = max_queue
+        self.max_batch_tokens = max_batch_tokens
+        self.fail_after = fail_after
+        self.streams: list[TimedStream] = []
+        self.reserved = 0
+        self.started = 0
+        self.completed = 0
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        text = "".join(str(m.get("content", "")) for m in messages)
+        ids = [1] * max(1, len(text) // 4)  # about four characters per token, like a real tokenizer
+        if FAIL_MARKER in text:
+            ids[0] = 0  # remembered by generate()
+        return ids
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.encode_chat([{"content": text}])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return " ".join(str(i) for i in ids)
+
+    def load_info(self) -> dict[str, int]:
+        return {"active": len(self.streams), "queued": 0, "max_concurrent": self.max_concurrent,
+                "max_queue": self.max_queue}
+
+    def generate(self, prompt_ids: Sequence[int], params: Any) -> TimedStream:
+        if len(self.streams) >= self.max_concurrent + self.max_queue:
+            raise AdmissionError(f"busy: {len(self.streams)} streams running; retry later")
+        count = min(self.tokens, int(getattr(params, "max_tokens", self.tokens)))
+        reserve = len(prompt_ids) + count
+        if self.max_batch_tokens and self.reserved + reserve > self.max_batch_tokens:
+            raise AdmissionError(f"busy: batch token budget {self.reserved}/{self.max_batch_tokens} in use, "
+                                 f"this request needs {reserve}; retry later")
+        self.started += 1
+        stream = TimedStream(self, count, first_id=1000, fail_after=self.fail_after if prompt_ids[0] == 0 else None,
+                             reserve=reserve)
+        self.reserved += reserve
+        self.streams.append(stream)
+        return stream
+
+    async def close(self) -> None:
+        for stream in list(self.streams):
+            stream.cancel()
+
+
+def expected_ids(count: int) -> list[int]:
+    """The ids a TimedEngine stream of `count` tokens carries."""
+    return list(range(1000, 1000 + count))
+
+
+def stub_model_info(engine: Any) -> ModelInfo:
+    """A ModelInfo whose (lazily built) map is pre-filled: fake engines have no tokenizer."""
+    info = ModelInfo(model_id=engine.model_id, tokenizer=None)
+    info.__dict__["map_document"] = {"schema": "fake", "vocab": []}
+    info.__dict__["map_bytes"] = b"{}"
+    info.__dict__["map_hash"] = "sha256:" + "0" * 64
+    return info

@@ -1,0 +1,50 @@
+"""A serving node in a child process, stopped by signals like `meshnode join` (tests/integration/test_faults.py).
+
+    python -m tests.nodeproc --relay ws://127.0.0.1:PORT --app APP --drain 5 --rate 20 --tokens 100
+
+Runs a real Node over ws-relay with the scripted TimedEngine (no model to load), installs the same
+stop-signal handlers as the CLI (meshnode.commands.install_stop_signals), prints ``READY <peer id>``
+once serving and ``STOPPED cancelled=<n> completed=<n>`` after a graceful stop, then exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from meshnode.commands import install_stop_signals, remove_stop_signals
+from signaling.base import Backoff
+from signaling.wsrelay import WsRelay
+from tests.fakes import TimedEngine
+from tests.meshkit import node_settings, start_node
+
+
+async def main(args: argparse.Namespace) -> int:
+    settings = node_settings(args.app, strategy="ws-relay", relays=[args.relay])
+    engine = TimedEngine(rate=args.rate, tokens=args.tokens)
+    stop = asyncio.Event()
+    installed = install_stop_signals(stop)
+    try:
+        relay = WsRelay(args.relay, backoff=Backoff(base_seconds=0.2, cap_seconds=1.0))
+        running = await start_node(settings, engine, relays=[relay], drain_seconds=args.drain, stop=stop)
+        print(f"READY {running.peer_id}", flush=True)
+        await running.task
+        service = running.node.service
+        assert service is not None
+        print(f"STOPPED cancelled={service.cancelled_calls} completed={service.completed_calls}", flush=True)
+    finally:
+        remove_stop_signals(installed)
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--relay", required=True)
+    parser.add_argument("--app", required=True)
+    parser.add_argument("--drain", type=float, default=5.0)
+    parser.add_argument("--rate", type=float, default=20.0)
+    parser.add_argument("--tokens", type=int, default=100)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    sys.exit(asyncio.run(main(parser.parse_args())))

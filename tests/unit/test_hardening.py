@@ -1,0 +1,244 @@
+"""Issue 8 unit tests: per-peer limits, strikes, non-blocking replies, engine faults, admission.
+
+Fake room and scripted engines (no sockets): tests/unit/test_services.py's FakeRoom, and
+tests/fakes.py's TimedEngine for faults that need a real stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from meshnode.engine import SamplingParams, TorchEngine
+from meshnode.errors import AdmissionError
+from meshnode.room import _Bucket, _InboundLimits, _Mailbox
+from meshnode.services import MAX_INFLIGHT_SENDS_PER_PEER, LegionService
+from meshnode.wire import legion
+from meshnode.wire.codec import decode_cf_payload
+from tests.fakes import FAIL_MARKER, TimedEngine, expected_ids
+from tests.unit.test_services import FakeRoom, Msg, call, config
+
+A, B = "A" * 20, "B" * 20
+
+
+class DroppingRoom(FakeRoom):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropped: list[tuple[str, str, float | None]] = []
+
+    def drop_peer(self, peer_id: str, reason: str, ban_seconds: float | None = None) -> None:
+        self.dropped.append((peer_id, reason, ban_seconds))
+
+
+async def serve(engine: Any, **kw: Any) -> tuple[DroppingRoom, LegionService, asyncio.Task[None]]:
+    room = DroppingRoom()
+    service = LegionService(room, engine, config=config(**kw), map_id="m", map_hash="sha256:00")
+    return room, service, asyncio.create_task(service.run())
+
+
+async def stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def result_for(room: FakeRoom, call_id: str) -> dict[str, Any]:
+    payload, _ = await room.actions["tc"].wait_for(lambda item: item[0].get("callId") == call_id)
+    return payload
+
+
+async def test_engine_error_fails_only_that_request() -> None:
+    engine = TimedEngine(rate=500, tokens=20, fail_after=3)
+    room, service, task = await serve(engine)
+    try:
+        async with asyncio.timeout(10):
+            room.actions["tc"].inbox.put_nowait(Msg(A, call("tc-bad", "engine_run", {"user": FAIL_MARKER})))
+            room.actions["tc"].inbox.put_nowait(Msg(B, call("tc-good", "engine_run", {"user": "fine"})))
+            bad, good = await result_for(room, "tc-bad"), await result_for(room, "tc-good")
+        assert bad["status"] == "error" and bad["error"].startswith("generation failed")
+        assert good["status"] == "ok" and good["result"]["content"]["tokens"] == 20
+        frames_to_a = [decode_cf_payload(p) for p, t in room.actions["cf"].sent if t == A]
+        assert frames_to_a[-1].done and frames_to_a[-1].finish_reason == "error"
+        assert [i for f in frames_to_a for i in f.ids] == expected_ids(3)
+        assert service.failed_calls == 1 and service.completed_calls == 2
+    finally:
+        await stop(task)
+
+
+async def test_engine_bug_is_contained_and_service_keeps_serving() -> None:
+    engine = TimedEngine(rate=500, tokens=5)
+    original = engine.generate
+
+    def broken(prompt_ids: Any, params: Any) -> Any:
+        engine.generate = original  # only the first request hits the bug
+        raise RuntimeError("engine bug")
+
+    engine.generate = broken  # type: ignore[method-assign]
+    room, service, task = await serve(engine)
+    try:
+        async with asyncio.timeout(10):
+            room.actions["tc"].inbox.put_nowait(Msg(A, call("tc-1", "engine_run", {"user": "x"})))
+            first = await result_for(room, "tc-1")
+            room.actions["tc"].inbox.put_nowait(Msg(A, call("tc-2", "engine_run", {"user": "x"})))
+            second = await result_for(room, "tc-2")
+        assert first == {**first, "status": "error", "error": "generation failed: internal error"}
+        assert second["status"] == "ok"
+    finally:
+        await stop(task)
+
+
+async def test_admission_refusal_reaches_the_asker_as_busy() -> None:
+    engine = TimedEngine(rate=5, tokens=50, max_batch_tokens=80)
+    room, service, task = await serve(engine)
+    try:
+        async with asyncio.timeout(10):
+            room.actions["tc"].inbox.put_nowait(Msg(A, call("tc-1", "engine_run", {"user": "x", "max_tokens": 50})))
+            room.actions["tc"].inbox.put_nowait(Msg(B, call("tc-2", "engine_run", {"user": "y", "max_tokens": 50})))
+            refused = await result_for(room, "tc-2")
+        assert refused["status"] == "error" and refused["error"].startswith("busy: batch token budget")
+    finally:
+        await stop(task)
+
+
+async def test_offences_past_the_limit_drop_the_peer() -> None:
+    room, service, task = await serve(TimedEngine(), max_strikes_per_minute=5, ban_seconds=7.0)
+    try:
+        async with asyncio.timeout(10):
+            for i in range(8):
+                room.actions["tc"].inbox.put_nowait(Msg(A, {"kind": "call", "v": 1, "ts": 1, "callId": f"c{i}"}))
+            room.actions["tc"].inbox.put_nowait(Msg(B, call("tc-ok", "ping", {})))
+            assert (await result_for(room, "tc-ok"))["status"] == "ok"
+        assert room.dropped == [(A, room.dropped[0][1], 7.0)] and "too many offences" in room.dropped[0][1]
+        assert service.dropped_peers == 1
+    finally:
+        await stop(task)
+
+
+async def test_forged_from_is_ignored_and_foreign_end_cancels_nothing() -> None:
+    engine = TimedEngine(rate=50, tokens=20)
+    room, service, task = await serve(engine)
+    try:
+        async with asyncio.timeout(10):
+            room.actions["tc"].inbox.put_nowait(Msg(A, call("tc-a", "engine_run", {"user": "x"})))
+            while (A, "tc-a") not in service.calls:
+                await asyncio.sleep(0)
+            from meshnode.wire.codec import END, Envelope, encode_envelope
+
+            end = Envelope(kind=END, stream_id="tc-a", seq=3, body={"codec_version": 1, "finish_reason": "cancel"})
+            room.actions["cf"].inbox.put_nowait(Msg(B, encode_envelope(end)))  # B does not own tc-a
+            chat = legion.build_chat(ts_ms=1, from_id=A, to=room.self_id, text="/ai forged")
+            room.actions["cm"].inbox.put_nowait(Msg(B, chat))  # claims to be A
+            result = await result_for(room, "tc-a")
+        assert result["status"] == "ok" and result["result"]["content"]["tokens"] == 20
+        assert all(target in (A, B) for _, target in room.actions["cf"].sent)
+        assert any(key[0] == B for key in service.calls) or service.completed_calls >= 1
+    finally:
+        await stop(task)
+
+
+async def test_a_peer_that_does_not_read_cannot_stall_the_receive_loop() -> None:
+    room, service, task = await serve(TimedEngine())
+    blocked = asyncio.Event()
+    original = room.actions["tc"].send
+
+    async def send(payload: Any, target: Any = None) -> None:
+        if target == A:
+            await blocked.wait()  # A's channel never drains
+        await original(payload, target)
+
+    room.actions["tc"].send = send  # type: ignore[method-assign]
+    try:
+        async with asyncio.timeout(10):
+            for i in range(MAX_INFLIGHT_SENDS_PER_PEER + 4):
+                room.actions["tc"].inbox.put_nowait(Msg(A, call(f"tc-a{i}", "ping", {})))
+            room.actions["tc"].inbox.put_nowait(Msg(B, call("tc-b", "ping", {})))
+            assert (await result_for(room, "tc-b"))["status"] == "ok"
+        assert service.budgets[A].inflight_sends == MAX_INFLIGHT_SENDS_PER_PEER
+    finally:
+        blocked.set()
+        await stop(task)
+
+
+def test_unhashable_values_are_guard_errors_not_crashes() -> None:
+    """Regression (found by tests/unit/test_fuzz_props.py): `bodyKind: []` raised TypeError."""
+    with pytest.raises(legion.LegionError):
+        legion.parse_chat({"v": 1, "ts": 1, "to": "", "bodyKind": []})
+    with pytest.raises(legion.LegionError):
+        legion.parse_tool_frame({"kind": "result", "v": 1, "ts": 1, "callId": "c", "status": {}})
+    with pytest.raises(legion.LegionError):
+        legion.parse_engine_run({"user": "u", "messages": [{"role": [], "content": "c"}]}, max_prompt_chars=100)
+
+
+async def test_mailbox_bounds_each_sender_separately() -> None:
+    box: _Mailbox[str] = _Mailbox(100, "test", per_key_messages=3, per_key_bytes=250)
+    assert [box.put(f"a{i}", key="a", size=10) for i in range(5)] == [True, True, True, False, False]
+    assert box.put("b0", key="b", size=200) and not box.put("b1", key="b", size=100)
+    assert box.queued_by("a") == 3 and await box.get() == "a0" and box.queued_by("a") == 2
+    assert box.put("a5", key="a", size=10)
+
+
+def test_inbound_bucket_refills_with_time() -> None:
+    limits = _InboundLimits(bytes=_Bucket(rate=100, burst=200, now=0.0), frames=_Bucket(rate=10, burst=2, now=0.0))
+    assert limits.admit(150, 0.0) is None
+    assert limits.admit(10, 0.0) is None
+    assert "messages/s" in (limits.admit(10, 0.0) or "")
+    assert limits.admit(100, 1.0) is None  # a second later: 10 more messages, 100 more bytes
+    assert "bytes/s" in (limits.admit(150, 1.0) or "")
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
+    return LlamaForCausalLM(cfg).eval()
+
+
+async def test_engine_batch_token_budget_refuses_instead_of_overcommitting(tiny_model: LlamaForCausalLM) -> None:
+    async with asyncio.timeout(30), TorchEngine(tiny_model, model_id="tiny", max_batch_tokens=100) as engine:
+        params = SamplingParams(temperature=0.0, max_tokens=40)
+        first = engine.generate([1] * 10, params)  # reserves 50
+        second = engine.generate([2] * 10, params)  # reserves 50: the budget is full
+        with pytest.raises(AdmissionError, match="busy: batch token budget"):
+            engine.generate([3] * 10, params)
+        with pytest.raises(AdmissionError, match="exceeds this node's batch budget") as refused:
+            engine.generate([3] * 70, params)
+        assert refused.value.field == "max_tokens"
+        assert engine.reserved_tokens == 100
+        await first.collect()
+        await second.collect()
+        assert engine.reserved_tokens == 0
+        third = engine.generate([3] * 10, params)  # room again once the others finished
+        third.cancel()
+        await third.aclose()
+
+
+async def test_refused_call_forgets_its_envelope_hello() -> None:
+    """A HELLO whose call is refused must not linger: 16 of them would block the peer's streams."""
+    from meshnode.wire.codec import HELLO, Envelope, encode_envelope
+
+    room, service, task = await serve(TimedEngine(), calls_per_minute=1)
+    try:
+        async with asyncio.timeout(10):
+            for i in (1, 2):
+                hello = Envelope(kind=HELLO, stream_id=f"tc-{i}", seq=0, body={"codec_version": 1})
+                room.actions["cf"].inbox.put_nowait(Msg(A, encode_envelope(hello)))
+                while f"tc-{i}" not in service.budgets.get(A, type("B", (), {"hellos": {}})).hellos:
+                    await asyncio.sleep(0)
+                room.actions["tc"].inbox.put_nowait(Msg(A, call(f"tc-{i}", "engine_run", {"user": "x"})))
+                await result_for(room, f"tc-{i}")
+        assert (await result_for(room, "tc-2"))["error"].startswith("rate limit")
+        assert service.budgets[A].hellos == {}
+    finally:
+        await stop(task)
+
+
+async def test_event_history_keeps_the_newest_quietly(caplog: pytest.LogCaptureFixture) -> None:
+    box: _Mailbox[int] = _Mailbox(3, "peer events", drop_oldest=True)
+    for i in range(250):
+        assert box.put(i)
+    assert [await box.get() for _ in range(3)] == [247, 248, 249]
+    assert box.dropped == 247 and "queue is full" not in caplog.text

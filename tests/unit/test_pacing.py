@@ -1,0 +1,118 @@
+"""meshnode.pacing: the cost model, admission, and the multiplexed wire format (no network)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgpack
+import pytest
+
+from meshnode.pacing import (
+    Pacer,
+    PacingConfig,
+    WireCosts,
+    _UnitLoad,
+    decode_mux_body,
+    predict,
+)
+from meshnode.wire.codec import DATA, StreamDecoder, StreamDecompressor, decode_cf_payload
+
+HELLO_MUX = {"codec_version": 1, "accept_compression": ["zstd", "identity"], "accept_mux": 1, "result_text": False}
+
+
+class FakeAction:
+    """Collects (payload, target) of every send."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[Any, Any]] = []
+
+    async def send(self, payload: Any, target: str | list[str] | None = None) -> None:
+        self.sent.append((payload, target))
+
+
+def test_predicted_cost_falls_with_the_window_and_multiplexing_is_cheaper() -> None:
+    costs = WireCosts()
+    mux = [_UnitLoad(streams=10, mux=True, negotiated=True, compressed=True)]
+    solo = [_UnitLoad(streams=1, mux=False, negotiated=True, compressed=True) for _ in range(10)]
+    windows = [0.05, 0.1, 0.2, 0.4]
+    costs_mux = [predict(mux, w, 30.0, costs)[0] for w in windows]
+    assert costs_mux == sorted(costs_mux, reverse=True)
+    assert predict(mux, 0.2, 30.0, costs)[0] < predict(solo, 0.2, 30.0, costs)[0] / 3
+    # Never more than one message per token: a slow stream at a tiny window sends per token.
+    _, _, messages = predict([_UnitLoad(streams=1, mux=False, negotiated=False, compressed=False)], 0.001, 5.0, costs)
+    assert messages == pytest.approx(5.0)
+
+
+def test_admission_refuses_past_the_budget_and_release_makes_room() -> None:
+    now = [0.0]
+    pacer = Pacer(PacingConfig(budget_bytes_per_second=5_000, token_rate=30.0), clock=lambda: now[0])
+    admitted = 0
+    refusal = None
+    for index in range(100):
+        pacer.on_hello("peer", f"s{index}", HELLO_MUX, "zstd")
+        refusal = pacer.admit("peer", f"s{index}")
+        if refusal is not None:
+            break
+        admitted += 1
+    assert 1 <= admitted < 100
+    assert refusal is not None and refusal.startswith("busy: link budget")
+    assert not pacer.available()  # a newcomer would not fit either: cap.available turns false
+    pacer.release("peer", "s0")
+    pacer.on_hello("peer", "again", HELLO_MUX, "zstd")
+    assert pacer.admit("peer", "again") is None
+    assert pacer.window <= pacer.config.max_window_seconds
+    for index in range(1, admitted):
+        pacer.release("peer", f"s{index}")
+    assert pacer.available()
+
+
+async def test_multiplexed_streams_share_messages_and_decode_back() -> None:
+    action = FakeAction()
+    pacer = Pacer(PacingConfig(budget_bytes_per_second=50_000, min_window_seconds=0.01, max_window_seconds=0.05))
+    ready = {}
+    for stream in ("a", "b"):
+        ready[stream] = pacer.on_hello("peer", stream, HELLO_MUX, "zstd")
+        assert pacer.admit("peer", stream) is None
+    assert ready["a"]["mux"] == ready["b"]["mux"] and ready["a"]["mux_tag"] != ready["b"]["mux_tag"]
+    sinks = {s: pacer.open_stream(action, "peer", s, negotiated=True, compression="zstd") for s in ("a", "b")}
+    async with asyncio.timeout(5):
+        for start in range(0, 40, 10):
+            await sinks["a"].send(list(range(start, start + 10)), None)
+            await sinks["b"].send(list(range(1000 + start, 1010 + start)), None)
+        await asyncio.gather(sinks["a"].send([40], "length"), sinks["b"].send([1040], "length"))
+    await pacer.close()
+    tags = {ready[s]["mux_tag"]: s for s in ready}
+    inflate = {s: StreamDecompressor() for s in ready}
+    decoders = {s: StreamDecoder() for s in ready}
+    got: dict[str, list[int]] = {"a": [], "b": []}
+    done: dict[str, str | None] = {}
+    for payload, target in action.sent:
+        assert target == "peer"
+        envelope = decode_cf_payload(payload)
+        assert envelope.kind == DATA and envelope.stream_id == ready["a"]["mux"]
+        for tag, data in decode_mux_body(envelope.body):
+            stream = tags[tag]
+            for frame in decoders[stream].feed(inflate[stream].decompress(data)):
+                got[stream].extend(frame.ids)
+                if frame.done:
+                    done[stream] = frame.finish_reason
+    assert got == {"a": list(range(41)), "b": list(range(1000, 1041))}
+    assert done == {"a": "length", "b": "length"}
+    assert len(action.sent) < 10  # 82 ids of two streams, a handful of messages
+
+
+def test_result_text_is_dropped_only_when_negotiated() -> None:
+    pacer = Pacer(PacingConfig(budget_bytes_per_second=50_000))
+    pacer.on_hello("peer", "quiet", HELLO_MUX, "zstd")
+    pacer.on_hello("peer", "plain", {"codec_version": 1, "accept_compression": ["identity"]}, "identity")
+    content = {"text": "hello", "tokens": 2}
+    assert pacer.result_content("peer", "quiet", content) == {"tokens": 2}
+    assert pacer.result_content("peer", "plain", content) == content
+
+
+def test_decode_mux_body_rejects_garbage() -> None:
+    with pytest.raises(ValueError, match="multiplexed"):
+        decode_mux_body(msgpack.packb({"not": "a list"}))
+    with pytest.raises(ValueError, match="multiplexed"):
+        decode_mux_body(msgpack.packb([[1, "text, not bytes"]]))
