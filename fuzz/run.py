@@ -1,5 +1,7 @@
 """Coverage-guided fuzzing of every peer/relay decoder with atheris (outside CI; issue 8 §1).
 
+Install the fuzzer first: .venv/bin/pip install -r requirements-fuzz.lock
+
     .venv/bin/python fuzz/run.py --seconds 90                 # every target, 90 s each
     .venv/bin/python fuzz/run.py --seconds 600 --only node_inbound
 

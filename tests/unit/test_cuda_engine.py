@@ -23,6 +23,7 @@ from meshnode.cuda_engine import (
     SlotDecoder,
     sample_row_exact,
     sample_rows,
+    sample_rows_exact,
     seed_key,
     supports_model,
 )
@@ -227,6 +228,23 @@ def test_sampler_matches_exact_reference_row_by_row() -> None:
                 assert not overflow[i]
             if p.greedy:
                 assert exact == int(logits[i].argmax())
+
+
+def test_batched_exact_sampler_matches_row_reference() -> None:
+    torch.manual_seed(4)
+    params = [
+        SamplingParams(temperature=1.2, top_p=0.95),
+        SamplingParams(temperature=0.8, top_k=300, top_p=0.9),
+        SamplingParams(temperature=1.0, top_k=500),
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=2.0),
+    ]
+    logits = torch.randn(len(params), 2000) * 2
+    keys = [seed_key(50 + i) for i in range(len(params))]
+    counters = [3, 1, 4, 1, 5]
+    batched = sample_rows_exact(logits, params, keys, counters)
+    single = [sample_row_exact(logits[i], p, keys[i], counters[i]) for i, p in enumerate(params)]
+    assert batched == single
 
 
 def test_sampler_flags_nucleus_beyond_candidates() -> None:
