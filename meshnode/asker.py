@@ -50,11 +50,6 @@ class AskError(MeshError):
     """The request could not be completed (no peer, refused, timed out)."""
 
 
-def _load(cap: legion.Cap) -> float:
-    load = cap.load or {"active": 0, "queued": 0, "max": 1}
-    return (load["active"] + load["queued"]) / max(1, load["max"])
-
-
 async def find_server(room: Room, caps: Any, timeout: float) -> tuple[str, legion.Cap]:
     """Wait for caps; return the least-loaded available peer that serves engine_run."""
     found: dict[str, legion.Cap] = {}
@@ -80,7 +75,7 @@ async def find_server(room: Room, caps: Any, timeout: float) -> tuple[str, legio
             gather_until = gather_until or asyncio.get_running_loop().time() + CAP_GATHER_SECONDS
     if not found:
         raise AskError(f"no peer serving engine_run appeared within {timeout:.0f} s")
-    peer_id = min(found, key=lambda p: (_load(found[p]), p))
+    peer_id = min(found, key=lambda p: (found[p].load_ratio, p))
     return peer_id, found[peer_id]
 
 

@@ -26,6 +26,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 from meshnode.errors import AdmissionError, FrameError, MeshError
 from meshnode.wire import legion
 from meshnode.wire.codec import (
+    DATA,
+    END,
+    HELLO,
+    READY,
     CodecFrame,
     Envelope,
     StreamCompressor,
@@ -53,7 +57,6 @@ FINAL_SEND_TIMEOUT_SECONDS = 1.0
 MAP_CALLS_PER_MINUTE = 2
 """codec_map answers carry the whole tokenizer map (~1 MB): a cheap call, an expensive answer."""
 
-ENVELOPE_HELLO, ENVELOPE_READY, ENVELOPE_DATA, ENVELOPE_END = 0, 1, 2, 3
 
 
 class ActionLike(Protocol):
@@ -125,9 +128,7 @@ def elect_ai_responder(self_id: str, candidates: dict[str, legion.Cap], asker: s
     for peer_id, cap in candidates.items():
         if peer_id == asker or not cap.available or "engine_run" not in cap.tools or not cap.is_meshnode:
             continue
-        load = cap.load or {"active": 0, "queued": 0, "max": 1}
-        ratio = (load["active"] + load["queued"]) / max(1, load["max"])
-        ranked.append((ratio, peer_id))
+        ranked.append((cap.load_ratio, peer_id))
     return min(ranked)[1] if ranked else None
 
 
@@ -615,7 +616,7 @@ class LegionService:
         if len(decoded.stream_id) > legion.MAX_CALL_ID_CHARS:  # stream ids are call ids (legion-mesh §6 item 2)
             raise FrameError(f"stream id longer than {legion.MAX_CALL_ID_CHARS} characters")
         budget = self.budgets.setdefault(peer_id, PeerBudget())
-        if decoded.kind == ENVELOPE_HELLO:
+        if decoded.kind == HELLO:
             now = self.clock()
             for sid, (when, _) in list(budget.hellos.items()):
                 if now - when > HELLO_TTL_SECONDS:
@@ -630,9 +631,9 @@ class LegionService:
                           "map_hash": self.map_hash, "safety_policy_id": None, "safety_policy_hash": None}
             if self.pacing is not None:
                 ready_body.update(self.pacing.on_hello(peer_id, decoded.stream_id, body, compression))
-            ready = Envelope(kind=ENVELOPE_READY, stream_id=decoded.stream_id, seq=1, body=ready_body)
+            ready = Envelope(kind=READY, stream_id=decoded.stream_id, seq=1, body=ready_body)
             self._post(peer_id, self._frames, encode_envelope(ready), "ready")
-        elif decoded.kind == ENVELOPE_END:
+        elif decoded.kind == END:
             call = self.calls.get((peer_id, decoded.stream_id))
             if call is not None and call.task is not None and not call.task.done():
                 logger.info("call %s cancelled by END from %s", decoded.stream_id, peer_id)
@@ -705,11 +706,11 @@ class FrameSender:
             await self.action.send(frame, target=self.peer_id)
         else:
             body = self._compressor.compress(frame) if self._compressor else frame
-            envelope = Envelope(kind=ENVELOPE_DATA, stream_id=self.stream_id, seq=self.seq, body=body)
+            envelope = Envelope(kind=DATA, stream_id=self.stream_id, seq=self.seq, body=body)
             self.seq += 1
             await self.action.send(encode_envelope(envelope), target=self.peer_id)
             if done:
-                end = Envelope(kind=ENVELOPE_END, stream_id=self.stream_id, seq=self.seq, body={
+                end = Envelope(kind=END, stream_id=self.stream_id, seq=self.seq, body={
                     "codec_version": 1, "finish_reason": finish_reason, "total_tokens": self.tokens})
                 await self.action.send(encode_envelope(end), target=self.peer_id)
         self.frames_sent += 1

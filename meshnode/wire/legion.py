@@ -128,6 +128,12 @@ class Cap:
     def is_meshnode(self) -> bool:
         return self.raw.get("agent") == "meshnode"
 
+    @property
+    def load_ratio(self) -> float:
+        """(active + queued) / max from the optional `load` field; 0 when the peer sends none."""
+        load = self.load or {"active": 0, "queued": 0, "max": 1}
+        return (load["active"] + load["queued"]) / max(1, load["max"])
+
 
 def tool_descriptor(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
     return {"name": name, "description": description, "inputSchema": schema}
