@@ -21,12 +21,11 @@ from aiohttp import web
 from meshnode.completions import IncrementalText, Limits, ParsedRequest, RequestError, parse_request
 from meshnode.errors import AdmissionError
 from meshnode.metrics import Metrics
-from meshnode.modelinfo import ModelInfo
+from meshnode.modelinfo import ModelInfo, map_index
 from meshnode.wire.codec import CodecFrame, encode_frame
 
 logger = logging.getLogger(__name__)
 
-CODEC_VERSION = "0.4"
 _VERSION_RE = re.compile(r"^v?(\d+)\.(\d+)$")
 CORS = {"Access-Control-Allow-Origin": "*"}
 
@@ -74,9 +73,7 @@ class CodecHttpApp:
         return web.json_response({"object": "list", "data": data}, headers=CORS)
 
     async def map_index(self, request: web.Request) -> web.Response:
-        entry = {"id": self.info.map_id, "url": f"/.well-known/codec/maps/{self.info.map_id}.json",
-                 "hash": self.info.map_hash}
-        body = {"codec_version": CODEC_VERSION, "maps": [entry]}
+        body = map_index(self.info.map_id, self.info.map_hash)
         return web.json_response(body, headers={**CORS, "Cache-Control": "max-age=300"})
 
     async def map_document(self, request: web.Request) -> web.Response:

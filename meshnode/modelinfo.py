@@ -11,6 +11,14 @@ from meshnode.maps import build_map, family_for_model_id, map_bytes, map_sha256
 
 logger = logging.getLogger(__name__)
 
+CODEC_VERSION = "0.4"
+
+
+def map_index(map_id: str, map_hash: str) -> dict[str, Any]:
+    """`/.well-known/codec/index.json` listing one map served from the same origin (legion-mesh §4.4)."""
+    entry = {"id": map_id, "url": f"/.well-known/codec/maps/{map_id}.json", "hash": map_hash}
+    return {"codec_version": CODEC_VERSION, "maps": [entry]}
+
 
 @dataclass
 class ModelInfo:

@@ -22,6 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from meshnode.errors import ConfigError
+from meshnode.modelinfo import map_index
 from meshnode.transport.peer import parse_ice_url
 from meshnode.settings import Settings
 
@@ -29,7 +30,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_DIST = Path(__file__).resolve().parents[1] / "web" / "dist"
 BUILD_HINT = "scripts/build-client.sh (after `cd web && npm ci`)"
-CODEC_VERSION = "0.4"
 BROWSER_STRATEGIES = ("mqtt", "nostr", "torrent")
 
 _SECURITY_HEADERS = {
@@ -135,8 +135,7 @@ class WebApp:
 
     async def map_index(self, request: web.Request) -> web.Response:
         map_id, _, pin = await self._map()
-        body = {"codec_version": CODEC_VERSION,
-                "maps": [{"id": map_id, "url": f"/.well-known/codec/maps/{map_id}.json", "hash": pin}]}
+        body = map_index(map_id, pin)
         return web.json_response(body, headers={"Access-Control-Allow-Origin": "*", "Cache-Control": "max-age=60"})
 
     async def map_document(self, request: web.Request) -> web.Response:
