@@ -153,8 +153,10 @@ async def run_soak(*, seconds: float, streams: int = 20, calls_per_peer: int = 2
     finally:
         sampling.cancel()
         await asyncio.gather(sampling, return_exceptions=True)
-    # Everyone has left: what remains must be what there was before the first peer came.
-    settle_deadline = time.monotonic() + 30
+    # Everyone has left: what remains must be what there was before the first peer came. A
+    # connection whose close was abandoned (PeerLink bounds RTCPeerConnection.close() at 5 s) is
+    # only released when aioice's consent checks expire (6 x 5 s), hence up to a minute to settle.
+    settle_deadline = time.monotonic() + 60
     while time.monotonic() < settle_deadline:
         final = sample(running, started, stats["streams_done"], 0)
         if final["node_links"] == 0 and final["peer_connections"] <= baseline["peer_connections"]:

@@ -579,15 +579,18 @@ class _AppMesh:
             logger.warning("a connection opened before its peer id was known; closing it")
             self._tasks.spawn(link.close(), "close")
             return
-        existing = self.live.get(peer_id)
-        if existing is not None and existing is not link:
-            logger.info("second connection to %s opened; keeping the first", peer_id)
-            self._tasks.spawn(link.close(), "close")
-            return
         if self.is_banned(peer_id):
             logger.info("closing a connection from banned peer %s", peer_id)
             self._tasks.spawn(link.close(), "close-banned")
             return
+        existing = self.live.get(peer_id)
+        if existing is not None and existing is not link:
+            # Two negotiations crossed (torrent offers both ways, a re-offer racing a slow open).
+            # Trystero keeps the newer connection and destroys the older one (room.ts onPeer,
+            # shared-peer register); keeping the older one here would leave each side bound to a
+            # different connection, both waiting for a handshake that never comes.
+            logger.info("second connection to %s opened; it replaces the first, as in Trystero", peer_id)
+            self._retire(peer_id, existing)
         self.live[peer_id] = link
         self._limits[link] = _inbound_limits(
             (room.config for room in self.rooms.values()), time.monotonic()
@@ -646,6 +649,30 @@ class _AppMesh:
         logger.info("connection to %s closed", peer_id)
         for room in list(self.rooms.values()):
             room._on_link_closed(peer_id, link)
+
+    def _retire(self, peer_id: str, link: PeerLink) -> None:
+        """Forget a live connection that a newer one replaces; its rooms see the peer leave."""
+        del self.live[peer_id]
+        self._limits.pop(link, None)
+        timer = self._idle_timers.pop(peer_id, None)
+        if timer is not None:
+            timer.cancel()
+        for room in list(self.rooms.values()):
+            room._on_link_closed(peer_id, link)
+        self._tasks.spawn(link.close(), "close-replaced")
+
+    def handshake_timed_out(self, peer_id: str, link: PeerLink) -> None:
+        """Close a connection no room could complete a handshake on.
+
+        The remote then most likely holds a different connection to us as its own; while this one
+        stays live, every signal from the remote would re-bind it (is_live) and time out again.
+        Closing it lets the next offer negotiate a connection both sides use.
+        """
+        if self.live.get(peer_id) is link and not any(
+            peer_id in room._bindings for room in self.rooms.values()
+        ):
+            logger.info("closing the connection to %s: no handshake completed on it", peer_id)
+            self._tasks.spawn(link.close(), "close-no-handshake")
 
     def _check_idle(self, peer_id: str) -> None:
         """Close a live connection that no room has used for the idle period (§9.2)."""
@@ -1148,6 +1175,8 @@ class Room:
             )
             self._join_error(peer_id, "handshake timed out")
             self._unbind(peer_id, emit=False, binding=binding)
+            if self._mesh is not None:
+                self._mesh.handshake_timed_out(peer_id, binding.link)
             return
         except HandshakeFailed as exc:
             logger.warning(

@@ -81,6 +81,13 @@ class StrategyTimers:
     tracker_offer_ttl_seconds: float = 120.0
     """Torrent: an announced, unanswered offer is replaced after this long."""
     tracker_dedupe_seconds: float = 4.0
+    tracker_answer_supersede_seconds: float = 5.0
+    """Torrent: a different offer from a peer we answered this long ago replaces our answer.
+
+    A tracker forwards each re-announced offer to a random swarm member, so one offer can reach
+    two peers; the offerer keeps the first answer and drops ours, and without this we would
+    ignore that peer's other offers until our answer expired (answer_ttl_seconds). Long enough
+    for a slow but valid connection to open first (loopback ones open in well under a second)."""
 
 
 # -- collaborators ---------------------------------------------------------------------------------
@@ -216,6 +223,7 @@ class _Answering:
     offer_id: str | None
     handle: Any
     timers: list[TimerHandle] = field(default_factory=list)
+    started: float = 0.0
 
 
 @dataclass(eq=False)

@@ -235,7 +235,10 @@ class TrackerStrategy(_EngineBase):
         else:
             pooled = self._take_pooled(message)
             if pooled is None:
+                # Usually an offer the tracker also forwarded to someone else, who answered
+                # first: this peer still wants to connect, so give it fresh offers soon.
                 self._drop("answer for unknown offer %s", message.offer_id)
+                self._nudge(relay, message.peer_id)
                 return
 
             async def on_answer(neg: _Negotiation) -> None:
@@ -254,6 +257,14 @@ class TrackerStrategy(_EngineBase):
         self._seen[key] = now
         return seen_at is not None and now - seen_at < window
 
+    def _nudge(self, relay: TrackerRelay, peer_id: str) -> None:
+        """Re-announce now, once per peer, so the tracker forwards our offers sooner."""
+        if peer_id not in self._nudged:
+            if len(self._nudged) >= DEDUPE_CAPACITY:
+                self._nudged.clear()
+            self._nudged.add(peer_id)
+            self._announce_now(relay)
+
     def _take_pooled(self, answer: TrackerAnswer) -> _PooledOffer | None:
         for pool in self._pools.values():
             pooled = pool.pop(answer.offer_id, None)
@@ -264,17 +275,23 @@ class TrackerStrategy(_EngineBase):
 
     async def _on_offer(self, relay: TrackerRelay, neg: _Negotiation, offer: TrackerOffer) -> None:
         peer_id = neg.peer_id
-        if self._factory.is_live(peer_id) or neg.answering is not None or neg.offer is not None:
+        if self._factory.is_live(peer_id) or neg.offer is not None:
             return
+        if neg.answering is not None:
+            waited = self._clock.time() - neg.answering.started
+            if (neg.answering.offer_id == offer.offer_id
+                    or waited < self.timers.tracker_answer_supersede_seconds):
+                return
+            # The offer we answered also went to another peer, whose answer was taken: ours will
+            # never be applied. This newer offer is the one to answer.
+            logger.debug("answering %s's newer offer; our answer of %.1f s ago went unused",
+                         peer_id, waited)
+            self._drop_answering(neg, discard=True)
         if self.self_id < peer_id and self._pools[relay]:
             # Glare: our outstanding offers win when our id is smaller (§6.4). A newcomer whose
             # offers reach us may have missed ours: re-announce now (once per newcomer) so the
             # tracker forwards them, instead of waiting for the next scheduled announce.
-            if peer_id not in self._nudged:
-                if len(self._nudged) >= DEDUPE_CAPACITY:
-                    self._nudged.clear()
-                self._nudged.add(peer_id)
-                self._announce_now(relay)
+            self._nudge(relay, peer_id)
             return
         sdp = self._unseal(peer_id, offer.sealed, "offer")
         if sdp is None:
@@ -283,7 +300,7 @@ class TrackerStrategy(_EngineBase):
         if self._closed:
             await self._factory.discard(handle)
             return
-        answering = _Answering(offer_id=offer.offer_id, handle=handle)
+        answering = _Answering(offer_id=offer.offer_id, handle=handle, started=self._clock.time())
         neg.answering = answering
         answering.timers.append(
             self._timer(self.timers.answer_ttl_seconds, peer_id, self._expire_answering(answering))
@@ -302,9 +319,19 @@ class TrackerStrategy(_EngineBase):
         self, neg: _Negotiation, answer: TrackerAnswer, pooled: _PooledOffer
     ) -> None:
         peer_id = neg.peer_id
-        if self._factory.is_live(peer_id) or neg.answering is not None or neg.offer is not None:
+        if self._factory.is_live(peer_id) or neg.offer is not None:
             await self._factory.discard(pooled.handle)  # already connected / connecting
             return
+        if neg.answering is not None:
+            # Crossed: we answered their offer (our pool was still empty, or theirs reached us
+            # first) and they answered ours. Both sides settle it the same way, by §5.4's rule:
+            # the smaller id's offer wins. Dropping both (as before) left neither connection up
+            # until the answer expired.
+            if self.self_id > peer_id:
+                await self._factory.discard(pooled.handle)
+                return
+            logger.debug("crossed offers with %s: ours wins, dropping our answer", peer_id)
+            self._drop_answering(neg, discard=True)
         sdp = self._unseal(peer_id, answer.sealed, "answer")
         if sdp is None:
             await self._factory.discard(pooled.handle)

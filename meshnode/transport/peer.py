@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote
 
@@ -46,6 +47,7 @@ __all__ = [
     "PeerTimeout",
     "build_ice_servers",
     "install_host_address_override",
+    "quiet_connect_teardown",
 ]
 
 logger = logging.getLogger(__name__)
@@ -63,6 +65,36 @@ MAX_QUEUED_CANDIDATES = 64
 
 HostAddressMode = Literal["auto", "append", "only"]
 IceServerSpec = str | dict[str, Any] | RTCIceServer
+
+
+def quiet_connect_teardown(loop: asyncio.AbstractEventLoop) -> None:
+    """Log aiortc's abandoned internal tasks at debug level instead of as unhandled errors.
+
+    When a connection is closed while aiortc is still bringing it up (a peer leaves mid-join) or
+    still has data queued, its internal tasks (``RTCPeerConnection.__connect``, SCTP transmit) die
+    with ``ConnectionError`` and nobody awaits them, so asyncio would print "Task exception was
+    never retrieved" with a traceback for an ordinary event. Everything else goes to the previous
+    handler unchanged.
+    """
+    previous = loop.get_exception_handler()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        task = context.get("future")
+        coro = task.get_coro() if isinstance(task, asyncio.Task) else None
+        code = getattr(coro, "cr_code", None)
+        parts = Path(code.co_filename).parts if code is not None else ()
+        if isinstance(context.get("exception"), ConnectionError) and (
+            "aiortc" in parts or "aioice" in parts
+        ):
+            logger.debug("aiortc task %s ended with the connection: %s",
+                         getattr(coro, "__qualname__", "?"), context["exception"])
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
 
 
 class PeerError(MeshError):

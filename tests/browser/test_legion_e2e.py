@@ -187,6 +187,7 @@ class ClientTab:
             try:
                 state = await asyncio.wait_for(self.page.evaluate(
                     "() => ({selfId: meshClient.state.selfId, relays: meshClient.state.relays, errors: meshClient.state.errors,"
+                    " relayCheckError: meshClient.state.relayCheckError,"
                     " peers: Object.values(meshClient.state.peers).map(p => ({id: p.id, nick: p.nick, capOk: p.capOk, capError: p.capError})),"
                     " calls: meshClient.state.calls, cf: meshClient.state.cfLog.slice(-40)})"), 5)
                 lines.append(json.dumps(state, indent=1)[:8000])
@@ -201,6 +202,7 @@ class Mesh:
     node: Node
     engine: Any
     base_url: str
+    relay_url: str
     node_id: str
     browser: Any
     contexts: list[Any] = field(default_factory=list)
@@ -264,7 +266,7 @@ async def mesh(request: pytest.FixtureRequest, embedded_loaded: Any, browser: An
         stack.push_async_callback(runner.cleanup)
         assert node.room is not None
         mesh = Mesh(strategy=strategy, node=node, engine=engine, base_url=bound_url(runner),
-                    node_id=node.room.self_id, browser=browser)
+                    relay_url=relay.url, node_id=node.room.self_id, browser=browser)
 
         async def close_contexts() -> None:
             for context in mesh.contexts:
@@ -319,8 +321,9 @@ async def test_page_lists_the_node_and_its_cap_passes_the_guard(mesh: Mesh, tabs
                            mesh.node_id, timeout=10)
     assert NODE_NICK in row and mesh.engine.model_id in row and "max" in row and "available" in row
     # Relay state is seen as open (no false "relay down"); the node knows both tabs' caps.
-    relays = await alice.state("relays")
-    assert "open" in relays.values(), relays
+    relays = await alice.wait("() => { const r = meshClient.state.relays; return Object.values(r).includes('open') && r }",
+                              timeout=10)
+    assert set(relays) == {mesh.relay_url}, relays
     assert await alice.state("relayProblem") is None
     service = mesh.node.service
     assert service is not None

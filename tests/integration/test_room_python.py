@@ -274,6 +274,62 @@ async def test_two_rooms_share_one_connection() -> None:
         await network.close()
 
 
+async def test_a_second_connection_replaces_the_first() -> None:
+    """Two negotiations that cross (torrent offers both ways) leave both sides on the newer
+    connection, as Trystero does; keeping the older one left each side bound to a different one."""
+    network = Net(kind="memory", app_id="py-replace-" + gen_id(6), url=None)
+    try:
+        ids = (peer_id(SMALL_PREFIX), peer_id(LARGE_PREFIX))
+        a = await network.join(self_id=ids[0])
+        b = await network.join(self_id=ids[1])
+        await joined(a, b)
+        mesh_a, mesh_b = a._mesh, b._mesh  # noqa: SLF001
+        assert mesh_a is not None and mesh_b is not None
+        first_a, first_b = mesh_a.live[ids[1]], mesh_b.live[ids[0]]
+        # A second connection negotiated outside the strategies, as a crossed offer would be.
+        offerer, answerer = mesh_a.new_link(a, ids[1]), mesh_b.new_link(b, ids[0])
+        answer = await answerer.accept_offer(await offerer.create_offer())
+        await offerer.accept_answer(answer)
+        assert (await next_event(a, "leave")).peer_id == ids[1]
+        assert (await next_event(a, "join")).peer_id == ids[1]
+        assert (await next_event(b, "join")).peer_id == ids[0]
+        assert mesh_a.live[ids[1]] is offerer and mesh_b.live[ids[0]] is answerer
+        async with asyncio.timeout(MESSAGE_TIMEOUT):
+            await asyncio.gather(first_a.closed, first_b.closed)
+        await a.make_action("x").send("on the new connection")
+        assert (await receive(b.make_action("x"))).payload == "on the new connection"
+    finally:
+        await network.close()
+
+
+async def test_a_connection_without_a_handshake_is_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A remote that never sends @_hsready on a connection (it holds another one as its own) must
+    not keep that connection alive: every signal from it would re-bind it and time out again."""
+    network = Net(kind="memory", app_id="py-nohs-" + gen_id(6), url=None)
+    try:
+        ids = (peer_id(SMALL_PREFIX), peer_id(LARGE_PREFIX))
+        a = await network.join(self_id=ids[0], handshake_timeout_seconds=1.5)
+        b = await network.join(self_id=ids[1], handshake_timeout_seconds=60.0)
+        silent = b._send_internal  # noqa: SLF001
+
+        async def never_ready(binding: Any, name: str, payload: Any) -> None:
+            if name != "@_hsready":
+                await silent(binding, name, payload)
+
+        monkeypatch.setattr(b, "_send_internal", never_ready)
+        mesh_a = a._mesh  # noqa: SLF001
+        assert mesh_a is not None
+        failures: asyncio.Queue[tuple[str, str, Any]] = asyncio.Queue()
+        a.on_join_error(lambda peer, reason: failures.put_nowait((peer, reason, mesh_a.live.get(peer))))
+        async with asyncio.timeout(JOIN_TIMEOUT):
+            peer, reason, link = await failures.get()
+            assert (peer, reason) == (ids[1], "handshake timed out") and link is not None
+            await link.closed
+        assert a.peers == []
+    finally:
+        await network.close()
+
+
 def fast_backoff() -> Backoff:
     return Backoff(base_seconds=0.05, cap_seconds=0.5)
 

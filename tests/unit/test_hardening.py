@@ -242,3 +242,33 @@ async def test_event_history_keeps_the_newest_quietly(caplog: pytest.LogCaptureF
         assert box.put(i)
     assert [await box.get() for _ in range(3)] == [247, 248, 249]
     assert box.dropped == 247 and "queue is full" not in caplog.text
+
+
+async def test_aiortc_teardown_errors_are_not_reported_as_unhandled() -> None:
+    """aiortc's internal tasks die with ConnectionError when a connection closes under them; only
+    that is swallowed, a real bug still reaches the previous handler."""
+    import aioice
+
+    from meshnode.transport.peer import quiet_connect_teardown
+
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    try:
+        quiet_connect_teardown(loop)
+        # An aioice coroutine failing exactly as it does under aiortc's transports on teardown.
+        teardown = loop.create_task(aioice.Connection(ice_controlling=True).send(b"x"))
+        other = loop.create_task(_raise(ValueError("a real bug")))
+        await asyncio.wait([teardown, other])
+        assert isinstance(teardown.exception(), ConnectionError)
+        for task in (teardown, other):
+            loop.call_exception_handler({"message": "Task exception was never retrieved",
+                                         "exception": task.exception(), "future": task})
+    finally:
+        loop.set_exception_handler(previous)
+    assert [type(c["exception"]) for c in reported] == [ValueError]
+
+
+async def _raise(exc: Exception) -> None:
+    raise exc

@@ -626,6 +626,85 @@ async def test_torrent_glare_only_larger_id_answers(remote: str, answers: bool) 
     await strategy.close()
 
 
+def tracker_signal(strategy: TrackerStrategy, kind: str, offer_id: str, peer_id: str, sdp: str) -> dict[str, Any]:
+    sealer = Sealer(names.signalling_key("", APP, ROOM))
+    return {"action": "announce", kind: {"type": kind, "sdp": sealer.seal(sdp)}, "offer_id": offer_id,
+            "peer_id": peer_id, "info_hash": strategy.info_hash}
+
+
+@pytest.mark.parametrize("me, ours_wins", [("a" * 20, True), ("z" * 20, False)])
+async def test_torrent_crossed_offers_resolve_to_the_smaller_ids_offer(me: str, ours_wins: bool) -> None:
+    """We answered their offer and they answered ours: the smaller id's offer wins on both sides
+    (dropping both left neither connection up until the answer expired)."""
+    remote = "m" * 20
+    tracker, factory = FakeTracker(), FakeFactory("t")
+    strategy = make_tracker_strategy(tracker, me, factory)
+    await strategy.start()
+    await tracker.next_sent(lambda m: "offers" in m)
+    pool = strategy._pools[tracker]  # noqa: SLF001 - white-box: an empty pool makes us answer
+    saved = dict(pool)
+    pool.clear()
+    tracker.inject(tracker_signal(strategy, "offer", "R" * 20, remote, "v=0 their offer"))
+    await tracker.next_sent(lambda m: "answer" in m)
+    answering = factory.handles[-1]
+    assert answering.kind == "answer"
+    pool.update(saved)
+    ours = next(iter(saved.values()))
+    tracker.inject(tracker_signal(strategy, "answer", ours.offer_id, remote, "v=0 their answer"))
+    if ours_wins:
+        seen: dict[str, FakeHandle] = {}
+        async with asyncio.timeout(TIMEOUT):
+            while len(seen) < 2:
+                kind, handle = await factory.calls.get()
+                if kind in ("accepted", "discard"):
+                    seen[kind] = handle
+        assert seen == {"accepted": ours.handle, "discard": answering}
+    else:
+        assert await factory.next("discard") is ours.handle
+        assert not answering.discarded and ours.handle.remote_sdp is None
+    await strategy.close()
+
+
+async def test_torrent_a_newer_offer_supersedes_an_unused_answer() -> None:
+    """A tracker forwards one re-announced offer to two peers; the offerer keeps the first answer.
+    The loser must not ignore that peer's other offers until its own answer expires (~23 s)."""
+
+    class Clock:
+        now = 0.0
+
+        def time(self) -> float:
+            return self.now
+
+        def call_later(self, delay: float, callback: Callable[[], None]) -> asyncio.TimerHandle:
+            return asyncio.get_running_loop().call_later(delay, callback)
+
+    clock = Clock()
+    tracker, factory = FakeTracker(), FakeFactory("t")
+    strategy = TrackerStrategy([tracker], app_id=APP, room_id=ROOM, self_id=LARGE,  # type: ignore[list-item]
+                               factory=factory, clock=clock,
+                               timers=StrategyTimers(announce_schedule_seconds=(0.0,)))
+    await strategy.start()
+    await tracker.next_sent(lambda m: "offers" in m)
+    tracker.inject(tracker_signal(strategy, "offer", "1" * 20, SMALL, "v=0 first"))
+    await tracker.next_sent(lambda m: "answer" in m)
+    first = factory.handles[-1]
+    # A second offer soon after is ignored: the first answer may still connect.
+    clock.now = strategy.timers.tracker_answer_supersede_seconds / 2
+    tracker.inject(tracker_signal(strategy, "offer", "2" * 20, SMALL, "v=0 second"))
+    for _ in range(2):
+        async with asyncio.timeout(TIMEOUT):
+            assert await factory.checked.get() == SMALL
+    assert not first.discarded and factory.handles[-1] is first
+    # Later, a different offer replaces the unused answer.
+    clock.now = strategy.timers.tracker_answer_supersede_seconds + 1
+    tracker.inject(tracker_signal(strategy, "offer", "3" * 20, SMALL, "v=0 third"))
+    reply = await tracker.next_sent(lambda m: "answer" in m)
+    assert reply["offer_id"] == "3" * 20
+    assert await factory.next("discard") is first
+    assert factory.handles[-1].remote_sdp == "v=0 third"
+    await strategy.close()
+
+
 def announce_ids(tracker: FakeTracker, strategy: TrackerStrategy) -> str:
     """An offer id currently in the strategy's pool."""
     return next(iter(strategy._pools[tracker]))  # noqa: SLF001 - white-box peek at the pool

@@ -71,6 +71,7 @@ export class MeshClient {
       joined: false,
       strategy: null,
       relays: {},
+      relayCheckError: null,
       relayProblem: null,
       peers: {},
       messages: [],
@@ -141,6 +142,7 @@ export class MeshClient {
       this.prune()
     }, CAP_HEARTBEAT_MS))
     this.timers.push(setInterval(() => this.checkRelays(), RELAY_CHECK_MS))
+    this.checkRelays()  // list the relays as connecting at once rather than after the first tick
     this.changed()
     return { selfId: mod.selfId }
   }
@@ -179,9 +181,11 @@ export class MeshClient {
     let sockets = {}
     try {
       sockets = this.module.getRelaySockets() ?? {}
-    } catch {
+    } catch (e) {
+      this.state.relayCheckError = String(e?.message ?? e)  // shown in state dumps; the check retries
       return
     }
+    this.state.relayCheckError = null
     const names = ['connecting', 'open', 'closing', 'closed']
     const relays = {}
     for (const url of this.state.relayUrls ?? []) relays[url] = 'connecting'
