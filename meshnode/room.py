@@ -42,6 +42,7 @@ from meshnode.transport.peer import (
     PeerClosed,
     PeerError,
     PeerLink,
+    install_consent_timing,
     install_host_address_override,
 )
 from meshnode.wire.roomframes import (
@@ -164,6 +165,9 @@ class RoomConfig:
     """A send that cannot proceed for this long gives up on that peer."""
     disconnected_grace_seconds: float = 5.0
     """ICE ``disconnected`` for this long closes a connection."""
+    dead_peer_seconds: float = 8.0
+    """A peer that answers no ICE consent check for about this long is gone and its connection
+    closed (aioice's own default is ~30 s; a Trystero tab notices in ~10 s). Process-wide."""
     action_queue_size: int = 1024
     """Received messages buffered per action; beyond that new ones are dropped (logged)."""
     event_queue_size: int = 1024
@@ -206,7 +210,8 @@ class RoomConfig:
             raise ConfigError(f"room.host_addresses_mode {self.host_addresses_mode!r} is unknown")
         if self.self_id is not None and not self.self_id:
             raise ConfigError("room.self_id must be non-empty when given")
-        if self.handshake_timeout_seconds <= 0 or self.action_queue_size < 1:
+        if (self.handshake_timeout_seconds <= 0 or self.action_queue_size < 1
+                or self.dead_peer_seconds <= 0):
             raise ConfigError("room timeouts and queue sizes must be positive")
 
 
@@ -898,6 +903,7 @@ class Room:
         config = self.config
         if config.host_addresses_mode != "auto":
             install_host_address_override(config.host_addresses_mode, config.host_addresses)
+        install_consent_timing(config.dead_peer_seconds)
         relays = self._relays if self._relays is not None else self._build_relays()
         mesh = _AppMesh.get(self.self_id, config.app_id)
         mesh.add_room(self)
