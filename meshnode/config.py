@@ -168,7 +168,6 @@ def _validate(settings: Settings, sources: dict[Key, str]) -> None:
     if settings.webrtc.host_addresses_mode not in {"auto", "append", "only"}:
         raise bad(("webrtc", "host_addresses_mode"), "must be auto, append or only")
     for key in [
-        ("engine", "max_concurrent"),
         ("engine", "max_prompt_tokens"),
         ("engine", "max_tokens"),
         ("engine", "default_max_tokens"),
@@ -185,8 +184,9 @@ def _validate(settings: Settings, sources: dict[Key, str]) -> None:
     ]:
         if getattr(getattr(settings, key[0]), key[1]) < 1:
             raise bad(key, "must be at least 1")
-    if settings.engine.max_queue < 0:
-        raise bad(("engine", "max_queue"), "must not be negative")
+    for key in [("engine", "max_queue"), ("engine", "max_concurrent")]:
+        if getattr(settings.engine, key[1]) < 0:
+            raise bad(key, "must not be negative")
     for key in [("engine", "max_batch_tokens"), ("limits", "peer_rate_bytes_per_second"),
                 ("limits", "peer_rate_messages_per_second"), ("limits", "max_connections"),
                 ("limits", "ban_seconds")]:

@@ -32,8 +32,10 @@ class ModelSettings:
 
 @dataclass(frozen=True, kw_only=True)
 class EngineSettings:
-    max_concurrent: int = 8
-    """Streams decoded together in one batch; more requests wait in the queue."""
+    max_concurrent: int = 0
+    """Streams decoded together in one batch; more requests wait in the queue. 0 = auto: 64 with
+    the CUDA engine (its KV slots are preallocated and a step costs about the same up to there),
+    8 otherwise (CPU/MPS)."""
     max_queue: int = 32
     """Requests allowed to wait for a batch slot; beyond that requests are refused as busy."""
     max_prompt_tokens: int = 4096

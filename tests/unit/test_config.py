@@ -48,7 +48,7 @@ def test_secrets_are_redacted() -> None:
     ("toml", "env", "message"),
     [
         ("[room]\nnope = 1\n", {}, "unknown setting room.nope"),
-        ("[engine]\nmax_concurrent = 0\n", {}, "engine.max_concurrent"),
+        ("[engine]\nmax_concurrent = -1\n", {}, "engine.max_concurrent"),
         ("", {"MESHNODE_ENGINE__MAX_QUEUE": "many"}, "MESHNODE_ENGINE__MAX_QUEUE"),
         ("", {"MESHNODE_WEBRTC__HOST_ADDRESSES_MODE": "all"}, "host_addresses_mode"),
         ("not toml [", {}, "not valid TOML"),
@@ -71,3 +71,13 @@ def test_every_flag_maps_to_a_real_setting() -> None:
     settings, _ = load_settings(None, env={}, flags=_flags(args))
     assert settings.room.relays == ["ws://x", "ws://y"]
     assert settings.webrtc.host_addresses_mode == "only"
+
+
+def test_max_concurrent_auto_depends_on_the_engine() -> None:
+    from meshnode.commands import resolve_max_concurrent
+
+    settings, _ = load_settings(None, env={})
+    assert settings.engine.max_concurrent == 0  # auto by default
+    assert resolve_max_concurrent(0, cuda_engine=False) == 8
+    assert resolve_max_concurrent(0, cuda_engine=True) == 64
+    assert resolve_max_concurrent(3, cuda_engine=True) == 3
