@@ -56,7 +56,8 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps")
     group.add_argument("--dtype", help="auto, bfloat16, float16 or float32")
     group.add_argument("--cache-dir", help="where converted models are cached")
-    group.add_argument("--max-concurrent", type=int, metavar="N", help="streams decoded together (default 0 = auto: 64 on the CUDA engine, 8 otherwise)")
+    group.add_argument("--max-concurrent", type=int, metavar="N",
+                       help="streams decoded together (default 0 = auto: 64 on the CUDA engine, 8 otherwise)")
     group.add_argument("--max-queue", type=int, metavar="N", help="requests that may wait for a slot")
     group.add_argument("--max-prompt-tokens", type=int, metavar="N", help="longest accepted prompt")
 

@@ -22,6 +22,7 @@ AUTO_MAX_CONCURRENT_CUDA = 64
 """engine.max_concurrent = 0 on the CUDA engine: 64 streams kept TTFT p95 at 40 ms on an H100
 (0.5B shape, bench/results/gpu_qwen05b.json); the engine lowers it if the KV cache does not fit."""
 
+
 def resolve_max_concurrent(configured: int, cuda_engine: bool) -> int:
     """engine.max_concurrent, with 0 (auto) replaced by the default for the engine in use."""
     if configured:
@@ -55,7 +56,8 @@ async def open_engine(settings: Settings, *, progress: bool = True) -> AsyncIter
             # Its KV cache is preallocated per slot: admission is by free slot, not a token sum.
             engine_class = CudaEngine
             limits.update(max_batch_tokens=0, progress=progress)
-    limits["max_concurrent"] = resolve_max_concurrent(limits["max_concurrent"], engine_class is not TorchEngine)
+    limits["max_concurrent"] = resolve_max_concurrent(
+        limits["max_concurrent"], cuda_engine=engine_class is not TorchEngine)
     engine = engine_class.from_loaded(loaded, **limits)
     async with engine:
         yield engine

@@ -626,7 +626,9 @@ async def test_torrent_glare_only_larger_id_answers(remote: str, answers: bool) 
     await strategy.close()
 
 
-def tracker_signal(strategy: TrackerStrategy, kind: str, offer_id: str, peer_id: str, sdp: str) -> dict[str, Any]:
+def tracker_signal(
+    strategy: TrackerStrategy, kind: str, offer_id: str, peer_id: str, sdp: str
+) -> dict[str, Any]:
     sealer = Sealer(names.signalling_key("", APP, ROOM))
     return {"action": "announce", kind: {"type": kind, "sdp": sealer.seal(sdp)}, "offer_id": offer_id,
             "peer_id": peer_id, "info_hash": strategy.info_hash}
