@@ -922,17 +922,6 @@ class CudaEngine(TorchEngine):
         self._stashed: int | None = None
         """Number of the launch whose logits are in ``_stash``."""
 
-    @classmethod
-    def from_loaded(cls, loaded: Any, **limits: Any) -> CudaEngine:
-        """Build an engine from a :class:`meshnode.models.LoadedModel` (see :class:`TorchEngine`)."""
-        return cls(
-            loaded.model,
-            loaded.tokenizer,
-            model_id=loaded.model_id,
-            eos_ids=loaded.eos_ids,
-            **limits,
-        )
-
     def generate(
         self, prompt_ids: Sequence[int], params: SamplingParams | None = None
     ) -> TokenStream:
@@ -1094,7 +1083,7 @@ class CudaEngine(TorchEngine):
 
     # -- worker ------------------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _work(self) -> None:
         """Worker loop: warm up; then admit, prefill a chunk, launch a step, process the last one.
 
         Steps are pipelined one deep: step k+1 is launched before the ids of step k are
@@ -1118,15 +1107,8 @@ class CudaEngine(TorchEngine):
                     if previous is not None:
                         self._process(previous)
                     self._flush()
-        except Exception:
-            logger.exception("%s worker crashed", self._name)
-            with self._cv:
-                self._closing = True
-            self._abort_all("error", "engine worker crashed")
-        else:
-            self._abort_all("cancel", None)
         finally:
-            self.ready.set()
+            self.ready.set()  # wait_ready() returns even when warm-up failed
 
     def _next_work(self) -> list[_Request] | None:
         """Wait for work; return newly admitted requests (one per free slot), ``None`` when closing."""
@@ -1134,12 +1116,7 @@ class CudaEngine(TorchEngine):
             while True:
                 if self._closing:
                     return None
-                dropped = [r for r in self._pending if r.stream.cancelled]
-                for request in dropped:
-                    self._pending.remove(request)
-                    self._finish_locked(request, "cancel")
-                if dropped:
-                    self._flush()
+                self._drop_cancelled_locked()
                 newcomers: list[_Request] = []
                 while self._pending and len(newcomers) < len(self._free_slots):
                     request = self._pending.popleft()

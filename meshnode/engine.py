@@ -599,7 +599,7 @@ class TorchEngine:
         """Batched decode steps run so far (worker-updated; for stats and tests)."""
 
     @classmethod
-    def from_loaded(cls, loaded: Any, **limits: Any) -> TorchEngine:
+    def from_loaded(cls, loaded: Any, **limits: Any) -> Self:
         """Build an engine from a :class:`meshnode.models.LoadedModel`.
 
         Args:
@@ -894,19 +894,9 @@ class TorchEngine:
     # -- worker thread -----------------------------------------------------------------------------
 
     def _run(self) -> None:
-        """Worker loop: admit, prefill, decode, deliver; until closed."""
+        """Worker thread: run the loop until closed, then end every stream still open."""
         try:
-            with torch.inference_mode():
-                while True:
-                    newcomers = self._next_work()
-                    if newcomers is None:
-                        break
-                    for request in newcomers:
-                        self._admit(request)
-                        self._flush()  # first tokens go out right after their prefill
-                    if self._rows:
-                        self._decode_step()
-                    self._flush()
+            self._work()
         except Exception:
             # A bug in the loop itself: fail everything rather than hang the consumers.
             logger.exception("%s worker crashed", self._name)
@@ -916,18 +906,36 @@ class TorchEngine:
         else:
             self._abort_all("cancel", None)
 
+    def _work(self) -> None:
+        """Worker loop: admit, prefill, decode, deliver; until closed."""
+        with torch.inference_mode():
+            while True:
+                newcomers = self._next_work()
+                if newcomers is None:
+                    break
+                for request in newcomers:
+                    self._admit(request)
+                    self._flush()  # first tokens go out right after their prefill
+                if self._rows:
+                    self._decode_step()
+                self._flush()
+
+    def _drop_cancelled_locked(self) -> None:
+        """Finish queued requests whose consumer already cancelled (caller holds ``_cv``)."""
+        dropped = [r for r in self._pending if r.stream.cancelled]
+        for request in dropped:
+            self._pending.remove(request)
+            self._finish_locked(request, "cancel")
+        if dropped:
+            self._flush()
+
     def _next_work(self) -> list[_Request] | None:
         """Wait for work; return newcomers to admit, or ``None`` when closing."""
         with self._cv:
             while True:
                 if self._closing:
                     return None
-                dropped = [r for r in self._pending if r.stream.cancelled]
-                for request in dropped:
-                    self._pending.remove(request)
-                    self._finish_locked(request, "cancel")
-                if dropped:
-                    self._flush()
+                self._drop_cancelled_locked()
                 room = self.max_concurrent - self._active
                 newcomers: list[_Request] = []
                 budget = self._prefill_budget

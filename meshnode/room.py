@@ -595,7 +595,8 @@ class _AppMesh:
             # shared-peer register); keeping the older one here would leave each side bound to a
             # different connection, both waiting for a handshake that never comes.
             logger.info("second connection to %s opened; it replaces the first, as in Trystero", peer_id)
-            self._retire(peer_id, existing)
+            self._forget(peer_id, existing)
+            self._tasks.spawn(existing.close(), "close-replaced")
         self.live[peer_id] = link
         self._limits[link] = _inbound_limits(
             (room.config for room in self.rooms.values()), time.monotonic()
@@ -647,16 +648,11 @@ class _AppMesh:
         self._limits.pop(link, None)
         if peer_id is None or self.live.get(peer_id) is not link:
             return
-        del self.live[peer_id]
-        timer = self._idle_timers.pop(peer_id, None)
-        if timer is not None:
-            timer.cancel()
         logger.info("connection to %s closed", peer_id)
-        for room in list(self.rooms.values()):
-            room._on_link_closed(peer_id, link)
+        self._forget(peer_id, link)
 
-    def _retire(self, peer_id: str, link: PeerLink) -> None:
-        """Forget a live connection that a newer one replaces; its rooms see the peer leave."""
+    def _forget(self, peer_id: str, link: PeerLink) -> None:
+        """Drop the live connection `link` to `peer_id`; every room bound to it sees the peer leave."""
         del self.live[peer_id]
         self._limits.pop(link, None)
         timer = self._idle_timers.pop(peer_id, None)
@@ -664,7 +660,12 @@ class _AppMesh:
             timer.cancel()
         for room in list(self.rooms.values()):
             room._on_link_closed(peer_id, link)
-        self._tasks.spawn(link.close(), "close-replaced")
+
+    def _unused(self, peer_id: str, link: PeerLink) -> bool:
+        """True while `link` is the live connection to `peer_id` and no room is bound to it."""
+        return self.live.get(peer_id) is link and not any(
+            peer_id in room._bindings for room in self.rooms.values()
+        )
 
     def handshake_timed_out(self, peer_id: str, link: PeerLink) -> None:
         """Close a connection no room could complete a handshake on.
@@ -673,18 +674,14 @@ class _AppMesh:
         stays live, every signal from the remote would re-bind it (is_live) and time out again.
         Closing it lets the next offer negotiate a connection both sides use.
         """
-        if self.live.get(peer_id) is link and not any(
-            peer_id in room._bindings for room in self.rooms.values()
-        ):
+        if self._unused(peer_id, link):
             logger.info("closing the connection to %s: no handshake completed on it", peer_id)
             self._tasks.spawn(link.close(), "close-no-handshake")
 
     def _check_idle(self, peer_id: str) -> None:
         """Close a live connection that no room has used for the idle period (§9.2)."""
         link = self.live.get(peer_id)
-        if link is None or peer_id in self._idle_timers:
-            return
-        if any(peer_id in room._bindings for room in self.rooms.values()):
+        if link is None or peer_id in self._idle_timers or not self._unused(peer_id, link):
             return
         delay = min(
             (room.config.idle_connection_close_seconds for room in self.rooms.values()),
@@ -693,9 +690,7 @@ class _AppMesh:
 
         def expire() -> None:
             self._idle_timers.pop(peer_id, None)
-            if self.live.get(peer_id) is link and not any(
-                peer_id in room._bindings for room in self.rooms.values()
-            ):
+            if self._unused(peer_id, link):
                 logger.info("closing idle connection to %s", peer_id)
                 self._tasks.spawn(link.close(), "close-idle")
 

@@ -10,6 +10,8 @@ measured call does not pay ~3 s of import time.)
 Knobs for fault injection: a prompt containing ``FAIL_MARKER`` makes its stream fail after
 ``fail_after`` tokens (an engine error in one request); ``generate`` refuses as busy beyond
 ``max_concurrent + max_queue`` streams or ``max_batch_tokens`` reserved tokens, like the real engine.
+
+`CharTokenizer` is the tokenizer of the engine unit tests' tiny random models.
 """
 
 from __future__ import annotations
@@ -158,3 +160,25 @@ def stub_model_info(engine: Any) -> ModelInfo:
     info.__dict__["map_bytes"] = b"{}"
     info.__dict__["map_hash"] = "sha256:" + "0" * 64
     return info
+
+
+class CharTokenizer:
+    """Decodes id ``i`` to one or two letters; enough for stop strings and chat encoding."""
+
+    chat_template = "fake"
+
+    @staticmethod
+    def piece(token: int) -> str:
+        first = chr(97 + token % 26)
+        return first if token % 3 else first + chr(97 + (token // 26) % 26)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return "".join(self.piece(i) for i in ids)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [ord(c) for c in text]
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
+        if any(m.get("content") == "boom" for m in messages):
+            raise ValueError("template exploded")
+        return [ord(c) for m in messages for c in f"<{m['role']}>{m.get('content', '')}"] + [1]

@@ -11,7 +11,7 @@ pytest-asyncio is not installed (the GPU machine).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Coroutine, Iterator
 from typing import Any
 
 import pytest
@@ -29,28 +29,12 @@ from meshnode.cuda_engine import (
 )
 from meshnode.engine import GenerationEngine, SamplingParams, TokenStream, TorchEngine
 from meshnode.errors import AdmissionError
+from tests.fakes import CharTokenizer
 
 TIMEOUT_SECONDS = 60.0
 """Bound for each engine test (a shared 2-core machine; normally a few seconds)."""
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-
-
-class CharTokenizer:
-    """Decodes id ``i`` to one or two letters (enough for stop strings)."""
-
-    chat_template = "fake"
-
-    @staticmethod
-    def piece(token: int) -> str:
-        first = chr(97 + token % 26)
-        return first if token % 3 else first + chr(97 + (token // 26) % 26)
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return "".join(self.piece(i) for i in ids)
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return [ord(c) for c in text]
 
 
 def run(coro: Coroutine[Any, Any, Any]) -> Any:

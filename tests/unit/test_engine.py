@@ -24,33 +24,12 @@ from meshnode.engine import (
     sample_next_token,
 )
 from meshnode.errors import AdmissionError, ModelError
+from tests.fakes import CharTokenizer
 
 TIMEOUT_SECONDS = 20.0
 """Bound for every async test (the machine is shared; a run normally takes well under 1 s)."""
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
-
-
-class CharTokenizer:
-    """Decodes id ``i`` to one or two letters; enough for stop strings and chat encoding."""
-
-    chat_template = "fake"
-
-    @staticmethod
-    def piece(token: int) -> str:
-        first = chr(97 + token % 26)
-        return first if token % 3 else first + chr(97 + (token // 26) % 26)
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return "".join(self.piece(i) for i in ids)
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return [ord(c) for c in text]
-
-    def apply_chat_template(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
-        if any(m.get("content") == "boom" for m in messages):
-            raise ValueError("template exploded")
-        return [ord(c) for m in messages for c in f"<{m['role']}>{m.get('content', '')}"] + [1]
 
 
 @pytest.fixture(scope="module", autouse=True)
