@@ -87,8 +87,9 @@ def quiet_connect_teardown(loop: asyncio.AbstractEventLoop) -> None:
         if isinstance(context.get("exception"), ConnectionError) and (
             "aiortc" in parts or "aioice" in parts
         ):
+            # Formatted here: a record holding the exception would keep the connection alive.
             logger.debug("aiortc task %s ended with the connection: %s",
-                         getattr(coro, "__qualname__", "?"), context["exception"])
+                         getattr(coro, "__qualname__", "?"), str(context["exception"]))
             return
         if previous is not None:
             previous(loop, context)
