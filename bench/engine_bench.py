@@ -2,7 +2,7 @@
 
 For each concurrency level C, the same C chat prompts are run
 
-* through :class:`meshnode.engine.TorchEngine` as C concurrent streams, and
+* through :class:`meshnode.generation.engine.TorchEngine` as C concurrent streams, and
 * one after another through ``model.generate`` (greedy, KV cache),
 
 both producing exactly ``--max-tokens`` tokens per prompt (EOS disabled, so the work is equal).
@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from meshnode.engine import SamplingParams, TorchEngine  # noqa: E402
-from meshnode.models import LoadedModel, cpu_has_native_bf16, resolve_model  # noqa: E402
+from meshnode.generation.engine import SamplingParams, TorchEngine  # noqa: E402
+from meshnode.generation.models import LoadedModel, cpu_has_native_bf16, resolve_model  # noqa: E402
 
 QUESTIONS = [
     "Explain entropy in one sentence.",

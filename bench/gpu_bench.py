@@ -1,4 +1,4 @@
-"""GPU benchmark: :class:`meshnode.cuda_engine.CudaEngine` against transformers' own paths.
+"""GPU benchmark: :class:`meshnode.generation.cuda.engine.CudaEngine` against transformers' own paths.
 
 Runs on one CUDA GPU with random-initialised models built from configs written here (no network,
 no downloads): SmolLM2-135M shape, Qwen2.5-0.5B shape, optionally Qwen2.5-7B shape. For each model,
@@ -253,8 +253,8 @@ def _summarise(raw: dict[str, Any], concurrency: int, mode: str) -> dict[str, An
 async def bench_ours(model: Any, name: str, counts: list[int], modes: list[str], args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from meshnode.cuda_engine import CudaEngine
-    from meshnode.engine import SamplingParams
+    from meshnode.generation.cuda.engine import CudaEngine
+    from meshnode.generation.engine import SamplingParams
 
     vocab = MODELS[name]["vocab_size"]
     _cuda().reset_peak_memory_stats()

@@ -48,8 +48,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from meshnode.room import Room, RoomConfig  # noqa: E402
-from signaling.names import gen_id  # noqa: E402
+from meshnode.room.room import Room, RoomConfig  # noqa: E402
+from signaling.protocol.names import gen_id  # noqa: E402
 from tests import relays  # noqa: E402
 from tests.browser.conftest import CHROMIUM, CHROMIUM_FLAGS, WWW, Tab, loopback_only  # noqa: E402
 from tests.browser.conftest import _QuietHandler as QuietHandler  # noqa: E402

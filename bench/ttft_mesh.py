@@ -4,7 +4,7 @@ One embedded-model engine (SmolLM2-135M-Instruct, CPU) serves both paths:
 
 * **local**: ``engine.encode_chat`` + ``engine.generate`` (greedy) → the first chunk with ids;
 * **mesh**, per strategy (ws-relay, mqtt on loopback relays started like the tests do): a
-  ``Node`` serves a room; a Python asker (``meshnode.asker`` building blocks: ``find_server``,
+  ``Node`` serves a room; a Python asker (``meshnode.legion.client`` building blocks: ``find_server``,
   ``ToolClient``, the HELLO envelope) stays joined and, per request, sends HELLO + ``tc
   engine_run`` and waits for the first DATA frame carrying ids. Also recorded: the node's own
   ``ttft_ms`` from the tool result (prompt encode + queue + prefill + first decode, node side),
@@ -43,12 +43,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from meshnode.asker import ToolClient, find_server, new_call_id  # noqa: E402
-from meshnode.config import load_settings  # noqa: E402
-from meshnode.engine import SamplingParams, TorchEngine  # noqa: E402
-from meshnode.models import resolve_model  # noqa: E402
-from meshnode.node import Node, room_config  # noqa: E402
-from meshnode.room import Room  # noqa: E402
+from meshnode.legion.client import ToolClient, find_server, new_call_id  # noqa: E402
+from meshnode.cli.config import load_settings  # noqa: E402
+from meshnode.generation.engine import SamplingParams, TorchEngine  # noqa: E402
+from meshnode.generation.models import resolve_model  # noqa: E402
+from meshnode.node.node import Node, room_config  # noqa: E402
+from meshnode.room.room import Room  # noqa: E402
 from meshnode.wire.codec import DATA, END, HELLO, CodecFrame, Envelope, decode_cf_payload, decode_frame, encode_envelope  # noqa: E402
 from tests import relays  # noqa: E402
 

@@ -20,8 +20,8 @@ from fuzz.targets import KEY  # noqa: E402
 from meshnode.wire import legion  # noqa: E402
 from meshnode.wire import roomframes as rf  # noqa: E402
 from meshnode.wire.codec import CodecFrame, Envelope, encode_envelope, encode_frame  # noqa: E402
-from signaling import messages  # noqa: E402
-from signaling.sealing import Sealer  # noqa: E402
+from signaling.protocol import messages  # noqa: E402
+from signaling.protocol.sealing import Sealer  # noqa: E402
 
 SEEDS = ROOT / "fuzz" / "seeds"
 

@@ -26,8 +26,8 @@ from meshnode.wire.codec import (
     decode_cf_payload,
     decode_envelope,
 )
-from signaling import messages
-from signaling.sealing import SealError, Sealer
+from signaling.protocol import messages
+from signaling.protocol.sealing import SealError, Sealer
 
 Target = Callable[[bytes], None]
 KEY = bytes(range(32))
@@ -205,10 +205,10 @@ _ADAPTERS: dict[str, Any] = {}
 def _adapters() -> dict[str, Any]:
     """One instance of each relay adapter (never started: only their inbound parsers are used)."""
     if not _ADAPTERS:
-        from signaling.mqtt import MqttRelay
-        from signaling.nostr import NostrRelay
-        from signaling.torrent import TrackerClient
-        from signaling.wsrelay import WsRelay
+        from signaling.adapters.mqtt import MqttRelay
+        from signaling.adapters.nostr import NostrRelay
+        from signaling.adapters.torrent import TrackerClient
+        from signaling.adapters.wsrelay import WsRelay
 
         def topic_handler(topic: str, payload: str) -> None:
             signal_text(payload.encode("utf-8", errors="replace"))
@@ -261,8 +261,8 @@ class _Pipeline:
     """A Room bound to one fake peer, and a LegionService reading its actions (no network)."""
 
     def __init__(self) -> None:
-        from meshnode.room import Room, RoomConfig, _AppMesh, _Binding
-        from meshnode.services import LegionService, ServiceConfig
+        from meshnode.room.room import Room, RoomConfig, _AppMesh, _Binding
+        from meshnode.legion.service import LegionService, ServiceConfig
         from tests.fakes import TimedEngine
 
         self.loop = asyncio.new_event_loop()

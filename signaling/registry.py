@@ -24,11 +24,11 @@ logger = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "meshnode.signaling"
 
 BUILTIN_ADAPTERS: dict[str, str] = {
-    "mqtt": "signaling.mqtt:MqttRelay",
-    "nostr": "signaling.nostr:NostrRelay",
-    "ws-relay": "signaling.wsrelay:WsRelay",
-    "torrent": "signaling.torrent:TrackerClient",
-    "memory": "signaling.memory:MemoryRelay",
+    "mqtt": "signaling.adapters.mqtt:MqttRelay",
+    "nostr": "signaling.adapters.nostr:NostrRelay",
+    "ws-relay": "signaling.adapters.wsrelay:WsRelay",
+    "torrent": "signaling.adapters.torrent:TrackerClient",
+    "memory": "signaling.adapters.memory:MemoryRelay",
 }
 """Strategy name -> ``module:attribute`` of the adapter class."""
 

@@ -1,10 +1,10 @@
 """Fakes with real timing for the hardening tests and `bench/soak.py` (issue 8).
 
-`TimedEngine` stands in for :class:`meshnode.engine.TorchEngine` where the model is irrelevant
+`TimedEngine` stands in for :class:`meshnode.generation.engine.TorchEngine` where the model is irrelevant
 (abuse, faults, soak): every stream yields the ids ``first_id, first_id + 1, …`` at ``rate`` tokens
 per second on a fixed schedule, so a receiver can check that nothing was lost, and timings
 (time to first token, tokens per second) are real wall-clock figures. (The service imports
-meshnode.engine, hence torch, on its first call; this module does it up front so that the first
+meshnode.generation.engine, hence torch, on its first call; this module does it up front so that the first
 measured call does not pay ~3 s of import time.)
 
 Knobs for fault injection: a prompt containing ``FAIL_MARKER`` makes its stream fail after
@@ -22,9 +22,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import meshnode.engine  # noqa: F401 - see the module docstring
+import meshnode.generation.engine  # noqa: F401 - see the module docstring
 from meshnode.errors import AdmissionError, MeshError
-from meshnode.modelinfo import ModelInfo
+from meshnode.generation.modelinfo import ModelInfo
 
 FAIL_MARKER = "<<engine-fault>>"
 MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -9,12 +9,12 @@ import pytest
 
 @pytest.fixture(scope="session")
 def embedded_loaded() -> Any:
-    from meshnode.models import resolve_model
+    from meshnode.generation.models import resolve_model
 
     return resolve_model(None, device="cpu", dtype="bfloat16", progress=False)
 
 
 def make_engine(loaded: Any, **limits: Any) -> Any:
-    from meshnode.engine import TorchEngine
+    from meshnode.generation.engine import TorchEngine
 
     return TorchEngine.from_loaded(loaded, **limits)

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshnode.room import Room
+from meshnode.room.room import Room
 from meshnode.transport.peer import PeerError
 from meshnode.wire import legion
 from meshnode.wire.codec import END, CodecFrame, Envelope, decode_cf_payload, encode_envelope

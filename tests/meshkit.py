@@ -1,6 +1,6 @@
 """A serving Node with a fake or real engine, and measuring askers, for the issue 8 tests and bench.
 
-* :func:`node_settings` / :func:`start_node`: a real :class:`meshnode.node.Node` (real Room, real
+* :func:`node_settings` / :func:`start_node`: a real :class:`meshnode.node.node.Node` (real Room, real
   aiortc on 127.0.0.1) over a MemoryHub or real relays, with the engine of your choice.
 * :class:`Asker`: a Python peer that opens an envelope stream per call (HELLO → READY, stream id =
   call id), calls ``engine_run`` and records what arrived: the ids, the terminal frame, the tool
@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshnode.config import load_settings
-from meshnode.node import Node, room_config
-from meshnode.room import Room
+from meshnode.cli.config import load_settings
+from meshnode.node.node import Node, room_config
+from meshnode.room.room import Room
 from meshnode.settings import Settings
 from meshnode.wire import legion
 from meshnode.wire.codec import (
@@ -32,7 +32,7 @@ from meshnode.wire.codec import (
     decode_frame,
     encode_envelope,
 )
-from signaling.strategy import StrategyTimers
+from signaling.strategies.topic import StrategyTimers
 from tests.fakes import stub_model_info
 
 LOOPBACK: dict[str, Any] = {

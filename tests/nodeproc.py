@@ -3,7 +3,7 @@
     python -m tests.nodeproc --relay ws://127.0.0.1:PORT --app APP --drain 5 --rate 20 --tokens 100
 
 Runs a real Node over ws-relay with the scripted TimedEngine (no model to load), installs the same
-stop-signal handlers as the CLI (meshnode.commands.install_stop_signals), prints ``READY <peer id>``
+stop-signal handlers as the CLI (meshnode.cli.commands.install_stop_signals), prints ``READY <peer id>``
 once serving and ``STOPPED cancelled=<n> completed=<n>`` after a graceful stop, then exits 0.
 """
 
@@ -14,9 +14,9 @@ import asyncio
 import logging
 import sys
 
-from meshnode.commands import install_stop_signals, remove_stop_signals
+from meshnode.cli.commands import install_stop_signals, remove_stop_signals
 from signaling.base import Backoff
-from signaling.wsrelay import WsRelay
+from signaling.adapters.wsrelay import WsRelay
 from tests.fakes import TimedEngine
 from tests.meshkit import node_settings, start_node
 

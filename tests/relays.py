@@ -14,7 +14,7 @@ Synchronous context managers, so session-scoped pytest fixtures do not depend on
         broker.ws_url, broker.tcp_url
         broker.stop(); broker.restart()
 
-Run directly, ``python -m tests.relays wsrelay --port N`` serves `signaling.wsrelay.WsRelayServer`
+Run directly, ``python -m tests.relays wsrelay --port N`` serves `signaling.adapters.wsrelay.WsRelayServer`
 (that is how `wsrelay_relay` runs it).
 """
 
@@ -400,7 +400,7 @@ def wsrelay_relay() -> Iterator[Relay]:
 
 
 async def _serve_wsrelay(host: str, port: int) -> None:
-    from signaling.wsrelay import WsRelayServer  # noqa: PLC0415 - keep `import tests.relays` light
+    from signaling.adapters.wsrelay import WsRelayServer  # noqa: PLC0415 - keep `import tests.relays` light
 
     async with WsRelayServer(host, port) as server:
         print(f"ws-relay listening on {server.url}", flush=True)  # noqa: T201 - process output

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from meshnode.config import load_settings
-from meshnode.demo import Demo
+from meshnode.cli.config import load_settings
+from meshnode.node.demo import Demo
 from tests.browser.test_legion_e2e import ClientTab, build_client
 from tests.fixtures_model import embedded_loaded, make_engine  # noqa: F401
 

@@ -28,10 +28,10 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from meshnode.config import load_settings
-from meshnode.engine import SamplingParams
-from meshnode.maps import Detokenizer
-from meshnode.node import Node
+from meshnode.cli.config import load_settings
+from meshnode.generation.engine import SamplingParams
+from meshnode.wire.maps import Detokenizer
+from meshnode.node.node import Node
 from tests.fixtures_model import embedded_loaded, make_engine  # noqa: F401
 
 from .conftest import RELAY_FIXTURES, ROOT, _failed, _unavailable
@@ -239,7 +239,7 @@ def client_dist() -> Path:
 async def mesh(request: pytest.FixtureRequest, embedded_loaded: Any, browser: Any,  # noqa: F811
                client_dist: Path) -> AsyncIterator[Mesh]:
     """A node with the embedded model serving the client page, in a fresh room on the local relay."""
-    from meshnode.webapp import bound_url, start_web
+    from meshnode.node.webapp import bound_url, start_web
 
     strategy = request.param
     relay = request.getfixturevalue(RELAY_FIXTURES[strategy])
@@ -482,7 +482,7 @@ async def test_errors_are_shown_plainly(mesh: Mesh, tabs: tuple[ClientTab, Clien
 
 
 async def test_page_detokenizer_matches_python(mesh: Mesh, tabs: tuple[ClientTab, ClientTab]) -> None:
-    """legion-mesh §4.3 in JS vs meshnode.maps.Detokenizer on the served map: multi-byte characters
+    """legion-mesh §4.3 in JS vs meshnode.wire.maps.Detokenizer on the served map: multi-byte characters
     split across frames, special and unknown ids, a flush at the end."""
     if mesh.strategy != STRATEGIES[0]:
         pytest.skip("strategy-independent; checked once")

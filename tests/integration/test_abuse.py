@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from signaling.memory import MemoryHub
-from signaling.names import gen_id
+from signaling.adapters.memory import MemoryHub
+from signaling.protocol.names import gen_id
 from tests import hostile
 from tests.fakes import TimedEngine, expected_ids
 from tests.fixtures_model import embedded_loaded  # noqa: F401

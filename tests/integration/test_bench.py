@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from meshnode.bench.netlab import missing_requirements
+from bench.lab.netlab import missing_requirements
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(110)]
 
@@ -29,7 +29,7 @@ def lab_available() -> None:
 
 
 def test_bench_small_run_meshnode_uses_fewer_wire_bytes_than_codec(lab_available: None, tmp_path: Path) -> None:
-    from meshnode.cli import main
+    from meshnode.cli.main import main
 
     out = tmp_path / "small"
     code = main([

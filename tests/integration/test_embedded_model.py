@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from meshnode.engine import SamplingParams, TorchEngine
-from meshnode.models import EMBEDDED_MODEL_ID, LoadedModel, default_cache_dir, resolve_model
+from meshnode.generation.engine import SamplingParams, TorchEngine
+from meshnode.generation.models import EMBEDDED_MODEL_ID, LoadedModel, default_cache_dir, resolve_model
 
 pytestmark = pytest.mark.model
 

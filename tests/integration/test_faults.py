@@ -25,11 +25,11 @@ from typing import Any
 import aioice.ice
 import pytest
 
-from meshnode import node as node_module
+from meshnode.node import node as node_module
 from signaling.base import Backoff
-from signaling.memory import MemoryHub
-from signaling.names import gen_id
-from signaling.wsrelay import WsRelay
+from signaling.adapters.memory import MemoryHub
+from signaling.protocol.names import gen_id
+from signaling.adapters.wsrelay import WsRelay
 from tests.fakes import TimedEngine, expected_ids
 from tests.meshkit import Asker, join_room, node_settings, start_node
 

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from meshnode.completions import Limits
-from meshnode.http import CodecHttpApp
-from meshnode.maps import Detokenizer, parse_map
-from meshnode.modelinfo import ModelInfo
+from meshnode.http.requests import Limits
+from meshnode.http.server import CodecHttpApp
+from meshnode.wire.maps import Detokenizer, parse_map
+from meshnode.generation.modelinfo import ModelInfo
 from meshnode.wire.codec import StreamDecoder
 from tests.fixtures_model import embedded_loaded, make_engine  # noqa: F401
 

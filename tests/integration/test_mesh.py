@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from meshnode.asker import ask
-from meshnode.config import load_settings
-from meshnode.engine import SamplingParams
-from meshnode.node import Node, room_config
-from meshnode.room import Room
+from meshnode.legion.client import ask
+from meshnode.cli.config import load_settings
+from meshnode.generation.engine import SamplingParams
+from meshnode.node.node import Node, room_config
+from meshnode.room.room import Room
 from tests.fixtures_model import embedded_loaded, make_engine  # noqa: F401
 
 pytestmark = [pytest.mark.model, pytest.mark.integration]

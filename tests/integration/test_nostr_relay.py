@@ -8,8 +8,8 @@ import json
 import pytest
 from websockets.asyncio.client import connect
 
-from signaling.nostr import NostrRelay, build_event, process_key
-from signaling.nostr_relay import NostrRelayServer, check_event
+from signaling.adapters.nostr import NostrRelay, build_event, process_key
+from signaling.servers.nostr_relay import NostrRelayServer, check_event
 
 pytestmark = pytest.mark.integration
 

@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 
 from signaling.base import Backoff, TopicRelay, TrackerRelay
-from signaling.mqtt import MqttRelay
-from signaling.names import gen_id
+from signaling.adapters.mqtt import MqttRelay
+from signaling.protocol.names import gen_id
 from signaling.registry import get_adapter_class
-from signaling.torrent import TrackerClient
-from signaling.wsrelay import WsRelay, WsRelayServer
+from signaling.adapters.torrent import TrackerClient
+from signaling.adapters.wsrelay import WsRelay, WsRelayServer
 from tests import relays
 
 pytestmark = pytest.mark.integration

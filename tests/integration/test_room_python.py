@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from meshnode.room import PeerEvent, Room, RoomClosed, RoomConfig
+from meshnode.room.room import PeerEvent, Room, RoomClosed, RoomConfig
 from signaling.base import Backoff
-from signaling.memory import MemoryHub
-from signaling.names import gen_id
-from signaling.strategy import StrategyTimers
+from signaling.adapters.memory import MemoryHub
+from signaling.protocol.names import gen_id
+from signaling.strategies.topic import StrategyTimers
 
 pytestmark = pytest.mark.integration
 
@@ -261,7 +261,7 @@ async def test_two_rooms_share_one_connection() -> None:
         assert (await receive(b2.make_action("x"))).payload == "in two"
         # Room-level demultiplexing: nothing leaked into room one.
         assert len(b1.make_action("x")._mailbox) == 0  # noqa: SLF001
-        from meshnode.room import _AppMesh  # noqa: PLC0415
+        from meshnode.room.room import _AppMesh  # noqa: PLC0415
 
         mesh = _AppMesh.get(ids[0], network.app_id)
         assert list(mesh.live) == [ids[1]]  # one connection for both rooms

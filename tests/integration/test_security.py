@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from signaling.memory import MemoryHub
-from signaling.names import gen_id, signalling_key
-from signaling.sealing import SealError, Sealer
+from signaling.adapters.memory import MemoryHub
+from signaling.protocol.names import gen_id, signalling_key
+from signaling.protocol.sealing import SealError, Sealer
 from tests.fakes import TimedEngine, expected_ids
 from tests.meshkit import Asker, join_room, node_settings, start_node
 

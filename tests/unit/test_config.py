@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from meshnode.cli import FLAG_KEYS, build_parser
-from meshnode.config import default_toml, describe, known_keys, load_settings
+from meshnode.cli.main import FLAG_KEYS, build_parser
+from meshnode.cli.config import default_toml, describe, known_keys, load_settings
 from meshnode.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,7 +66,7 @@ def test_every_flag_maps_to_a_real_setting() -> None:
     assert all(key in keys for key in FLAG_KEYS.values())
     args = build_parser().parse_args(["join", "--room", "r", "--relay", "ws://x", "--relay", "ws://y",
                                       "--ice-host-mode", "only"])
-    from meshnode.cli import _flags
+    from meshnode.cli.main import _flags
 
     settings, _ = load_settings(None, env={}, flags=_flags(args))
     assert settings.room.relays == ["ws://x", "ws://y"]
@@ -74,7 +74,7 @@ def test_every_flag_maps_to_a_real_setting() -> None:
 
 
 def test_max_concurrent_auto_depends_on_the_engine() -> None:
-    from meshnode.commands import resolve_max_concurrent
+    from meshnode.cli.commands import resolve_max_concurrent
 
     settings, _ = load_settings(None, env={})
     assert settings.engine.max_concurrent == 0  # auto by default

@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from meshnode.cuda_engine import (
+from meshnode.generation.cuda.engine import (
     CudaEngine,
     SlotDecoder,
     sample_row_exact,
@@ -27,7 +27,7 @@ from meshnode.cuda_engine import (
     seed_key,
     supports_model,
 )
-from meshnode.engine import GenerationEngine, SamplingParams, TokenStream, TorchEngine
+from meshnode.generation.engine import GenerationEngine, SamplingParams, TokenStream, TorchEngine
 from meshnode.errors import AdmissionError
 from tests.fakes import CharTokenizer
 

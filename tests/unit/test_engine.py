@@ -15,8 +15,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from meshnode import engine as engine_module
-from meshnode.engine import (
+from meshnode.generation import engine as engine_module
+from meshnode.generation.engine import (
     GenerationEngine,
     SamplingParams,
     TokenStream,

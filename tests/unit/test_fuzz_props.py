@@ -22,8 +22,8 @@ from meshnode.errors import FrameError
 from meshnode.wire import legion
 from meshnode.wire import roomframes as rf
 from meshnode.wire.codec import CodecFrame, Envelope, encode_envelope, encode_frame
-from signaling import messages
-from signaling.sealing import Sealer
+from signaling.protocol import messages
+from signaling.protocol.sealing import Sealer
 
 PROPS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 REGRESSIONS = Path(__file__).resolve().parents[1] / "data" / "fuzz"

@@ -13,10 +13,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from meshnode.engine import SamplingParams, TorchEngine
+from meshnode.generation.engine import SamplingParams, TorchEngine
 from meshnode.errors import AdmissionError
-from meshnode.room import _Bucket, _InboundLimits, _Mailbox
-from meshnode.services import MAX_INFLIGHT_SENDS_PER_PEER, LegionService
+from meshnode.room.room import _Bucket, _InboundLimits, _Mailbox
+from meshnode.legion.service import MAX_INFLIGHT_SENDS_PER_PEER, LegionService
 from meshnode.wire import legion
 from meshnode.wire.codec import decode_cf_payload
 from tests.fakes import FAIL_MARKER, TimedEngine, expected_ids

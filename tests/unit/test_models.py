@@ -1,4 +1,4 @@
-"""meshnode.models without the real model: cache dir, device/dtype choice, atomic conversion, loading."""
+"""meshnode.generation.models without the real model: cache dir, device/dtype choice, atomic conversion, loading."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from meshnode import models
+from meshnode.generation import models
 from meshnode.errors import ModelError
 
 

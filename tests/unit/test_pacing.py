@@ -1,4 +1,4 @@
-"""meshnode.pacing: the cost model, admission, and the multiplexed wire format (no network)."""
+"""meshnode.link.pacer: the cost model, admission, and the multiplexed wire format (no network)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from meshnode.pacing import (
+from meshnode.link.pacer import (
     Pacer,
     PacingConfig,
     WireCosts,

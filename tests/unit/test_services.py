@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from meshnode.services import LegionService, ServiceConfig, elect_ai_responder
+from meshnode.legion.service import LegionService, ServiceConfig, elect_ai_responder
 from meshnode.wire import legion
 from meshnode.wire.codec import (
     DATA,

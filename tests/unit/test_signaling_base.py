@@ -16,8 +16,8 @@ from coincurve import PrivateKey, PublicKeyXOnly
 
 from signaling import registry
 from signaling.base import Backoff, SignalingError, TopicRelay, TrackerRelay
-from signaling.mqtt import MqttRelay
-from signaling.nostr import NostrRelay, build_event, event_id, nostr_kind, process_key
+from signaling.adapters.mqtt import MqttRelay
+from signaling.adapters.nostr import NostrRelay, build_event, event_id, nostr_kind, process_key
 from signaling.registry import (
     BUILTIN_ADAPTERS,
     DEFAULT_RELAYS,
@@ -26,8 +26,8 @@ from signaling.registry import (
     adapter_names,
     get_adapter_class,
 )
-from signaling.torrent import TrackerClient
-from signaling.wsrelay import WsRelay
+from signaling.adapters.torrent import TrackerClient
+from signaling.adapters.wsrelay import WsRelay
 
 # ---------------------------------------------------------------------------------------------
 # Backoff
@@ -116,14 +116,14 @@ def test_builtin_adapters_satisfy_the_protocols() -> None:
 
 
 def test_memory_is_registered_lazily() -> None:
-    assert BUILTIN_ADAPTERS["memory"] == "signaling.memory:MemoryRelay"
+    assert BUILTIN_ADAPTERS["memory"] == "signaling.adapters.memory:MemoryRelay"
     assert "memory" in adapter_names()
 
 
 def test_importing_the_registry_imports_no_adapter() -> None:
     code = (
         "import sys, signaling.registry as r; r.adapter_names(); "
-        "bad = [m for m in ('signaling.mqtt', 'signaling.nostr', 'aiomqtt', 'websockets') "
+        "bad = [m for m in ('signaling.adapters.mqtt', 'signaling.adapters.nostr', 'aiomqtt', 'websockets') "
         "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
     )
     result = subprocess.run(  # noqa: S603 - fixed command
@@ -166,7 +166,7 @@ def test_entry_point_cannot_replace_a_builtin(
     monkeypatch.setattr(
         metadata,
         "entry_points",
-        fake_entry_points(("mqtt", f"{__name__}:FakeRelay"), ("nostr", "signaling.nostr:NostrRelay")),
+        fake_entry_points(("mqtt", f"{__name__}:FakeRelay"), ("nostr", "signaling.adapters.nostr:NostrRelay")),
     )
     assert get_adapter_class("mqtt") is MqttRelay
     assert adapter_names() == list(BUILTIN_ADAPTERS)

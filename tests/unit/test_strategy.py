@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from signaling import messages, names
-from signaling.memory import MemoryHub, MemoryRelay
-from signaling.messages import Candidate
-from signaling.sealing import Sealer
-from signaling.strategy import StrategyTimers, TopicStrategy
-from signaling.torrent_strategy import TrackerStrategy
+from signaling.protocol import messages, names
+from signaling.adapters.memory import MemoryHub, MemoryRelay
+from signaling.protocol.messages import Candidate
+from signaling.protocol.sealing import Sealer
+from signaling.strategies.topic import StrategyTimers, TopicStrategy
+from signaling.strategies.tracker import TrackerStrategy
 
 APP, ROOM = "test-app", "strategy-room"
 SMALL, LARGE = "0" * 19 + "a", "z" * 19 + "a"
@@ -381,7 +381,7 @@ async def test_wrong_password_offer_is_dropped_with_warning(
     await remote.start()
     await strategy.start()
     await remote.heard(strategy.self_id)
-    caplog.set_level(logging.WARNING, logger="signaling.strategy")
+    caplog.set_level(logging.WARNING, logger="signaling.strategies.topic")
     text = messages.build_offer(SMALL, "OFFERID12345", remote.sealer.seal("v=0 offer"))
     await remote.publish_to(LARGE, text)
     await remote.publish_to(LARGE, messages.build_announce(SMALL))  # a marker after the offer

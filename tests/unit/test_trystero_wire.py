@@ -9,8 +9,8 @@ import pytest
 
 from meshnode.errors import FrameError
 from meshnode.wire import roomframes as rf
-from signaling import messages, names
-from signaling.sealing import SealError, Sealer, seal, unseal
+from signaling.protocol import messages, names
+from signaling.protocol.sealing import SealError, Sealer, seal, unseal
 
 APP, ROOM, PEER = "my-app", "lobby", "AbCdEfGhIjKlMnOpQrSt"
 TOKEN = "4dcb6a57f52829144d0071cdc88b53fac87dc6d81fc756df1cd90916ea8ffdba"

@@ -1,4 +1,4 @@
-"""meshnode.webapp: /config.json (never the password), map routes with exact bytes, static client,
+"""meshnode.node.webapp: /config.json (never the password), map routes with exact bytes, static client,
 and a clear error when the client is not built. No model, no browser (a stub node)."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from meshnode.config import load_settings
+from meshnode.cli.config import load_settings
 from meshnode.errors import ConfigError
-from meshnode.webapp import WebApp, browser_ice_servers, client_config, start_web
+from meshnode.node.webapp import WebApp, browser_ice_servers, client_config, start_web
 
 MAP_BYTES = b'{\n  "id": "huggingfacetb/smollm2",\n  "vocab": {\n    "a": 0\n  }\n}'
 

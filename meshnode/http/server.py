@@ -1,0 +1,232 @@
+"""The Codec HTTP endpoint (aiohttp): OpenAI-shaped completions streamed as SSE JSON or Codec frames.
+
+Routes (legion-mesh §2.6, §4.4):
+  POST /v1/completions, POST /v1/chat/completions   stream_format "json" (SSE, default) | "msgpack"
+  GET  /v1/models
+  GET  /.well-known/codec/index.json, /.well-known/codec/maps/<id>.json
+  GET  /metrics                                      Prometheus text format
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from meshnode.http.requests import IncrementalText, Limits, ParsedRequest, RequestError, parse_request
+from meshnode.errors import AdmissionError
+from meshnode.http.metrics import Metrics
+from meshnode.generation.modelinfo import ModelInfo, map_index
+from meshnode.wire.codec import CodecFrame, encode_frame
+
+logger = logging.getLogger(__name__)
+
+_VERSION_RE = re.compile(r"^v?(\d+)\.(\d+)$")
+CORS = {"Access-Control-Allow-Origin": "*"}
+
+
+def parse_client_version(header: str | None) -> tuple[int, int]:
+    """`Codec-Client-Version` → (major, minor); absent means 0.2 (legion-mesh §2.6)."""
+    if header is None or not header.strip():
+        return (0, 2)
+    match = _VERSION_RE.match(header.strip())
+    if not match:
+        raise RequestError(
+            f"Codec-Client-Version must look like '0.4', got {header!r}", field="Codec-Client-Version"
+        )
+    return (int(match.group(1)), int(match.group(2)))
+
+
+def _error(status: int, message: str, field: str | None = None, kind: str = "invalid_request_error") -> web.Response:
+    body = {"error": {"message": message, "type": kind, "param": field, "code": None}}
+    return web.json_response(body, status=status, headers=CORS)
+
+
+class CodecHttpApp:
+    """Builds the aiohttp application around an engine and its model information."""
+
+    def __init__(self, engine: Any, info: ModelInfo, limits: Limits, metrics: Metrics | None = None) -> None:
+        self.engine = engine
+        self.info = info
+        self.limits = limits
+        self.metrics = metrics or Metrics()
+
+    def make_app(self) -> web.Application:
+        app = web.Application(client_max_size=2 * 1024 * 1024)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/.well-known/codec/index.json", self.map_index)
+        app.router.add_get(r"/.well-known/codec/maps/{map_id:.+}.json", self.map_document)
+        app.router.add_get("/metrics", self.metrics_text)
+        return app
+
+    # --- discovery -------------------------------------------------------------------------
+
+    async def models(self, request: web.Request) -> web.Response:
+        data = [{"id": self.info.model_id, "object": "model", "owned_by": "meshnode", "created": 0}]
+        return web.json_response({"object": "list", "data": data}, headers=CORS)
+
+    async def map_index(self, request: web.Request) -> web.Response:
+        body = map_index(self.info.map_id, self.info.map_hash)
+        return web.json_response(body, headers={**CORS, "Cache-Control": "max-age=300"})
+
+    async def map_document(self, request: web.Request) -> web.Response:
+        if request.match_info["map_id"] != self.info.map_id:
+            return _error(404, f"no map {request.match_info['map_id']!r}; this node serves {self.info.map_id!r}")
+        return web.Response(
+            body=self.info.map_bytes,
+            content_type="application/json",
+            headers={**CORS, "Cache-Control": "max-age=300", "Codec-Tokenizer-Map": self.info.map_hash},
+        )
+
+    async def metrics_text(self, request: web.Request) -> web.Response:
+        load = self.engine.load_info()
+        text = self.metrics.render(queue_depth=load.get("queued", 0), active=load.get("active", 0))
+        return web.Response(text=text, content_type="text/plain", charset="utf-8",
+                            headers={"X-Content-Type-Options": "nosniff"})
+
+    # --- completions -----------------------------------------------------------------------
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._complete(request, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._complete(request, chat=True)
+
+    async def _complete(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+        endpoint = "chat" if chat else "completions"
+        try:
+            version = parse_client_version(request.headers.get("Codec-Client-Version"))
+            try:
+                body = await request.json()
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise RequestError("request body must be valid JSON") from None
+            parsed = parse_request(body, self.engine, self.limits, chat=chat, vocab_size=self.info.vocab_size)
+            stream = self.engine.generate(parsed.prompt_ids, self._sampling(parsed))
+        except RequestError as exc:
+            self.metrics.request(endpoint, "400")
+            return _error(400, str(exc), exc.field)
+        except AdmissionError as exc:
+            busy = "busy" in str(exc).lower() or "queue" in str(exc).lower()
+            self.metrics.request(endpoint, "429" if busy else "400")
+            return _error(429 if busy else 400, str(exc), exc.field,
+                          kind="rate_limit_error" if busy else "invalid_request_error")
+
+        started = time.monotonic()
+        extra_headers = {"Codec-Tokenizer-Map": self.info.map_hash} if version >= (0, 4) else {}
+        try:
+            if parsed.stream_format == "msgpack":
+                return await self._stream_msgpack(request, stream, parsed, extra_headers, started)
+            if parsed.stream:
+                return await self._stream_sse(request, stream, parsed, chat, started)
+            return await self._whole(stream, parsed, chat, started)
+        finally:
+            stream.cancel()
+            self.metrics.request(endpoint, "200")
+
+    def _sampling(self, parsed: ParsedRequest) -> Any:
+        from meshnode.generation.engine import SamplingParams
+
+        return SamplingParams(
+            temperature=parsed.temperature, top_p=parsed.top_p, top_k=parsed.top_k, seed=parsed.seed,
+            max_tokens=parsed.max_tokens, stop=parsed.stop,
+        )
+
+    def _observe_first(self, started: float, first: list[bool]) -> None:
+        if not first[0]:
+            first[0] = True
+            self.metrics.ttft(time.monotonic() - started)
+
+    async def _stream_msgpack(self, request: web.Request, stream: Any, parsed: ParsedRequest,
+                              headers: dict[str, str], started: float) -> web.StreamResponse:
+        response = web.StreamResponse(headers={
+            **CORS, **headers, "Content-Type": "application/x-msgpack", "Vary": "Accept-Encoding",
+            "Cache-Control": "no-cache"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        first = [False]
+        async for chunk in stream:
+            if chunk.ids:
+                self._observe_first(started, first)
+                self.metrics.tokens(len(chunk.ids))
+            done = chunk.finish_reason is not None
+            if chunk.ids or done:
+                await response.write(encode_frame(CodecFrame(ids=list(chunk.ids), done=done,
+                                                              finish_reason=chunk.finish_reason)))
+        await response.write_eof()
+        return response
+
+    async def _stream_sse(self, request: web.Request, stream: Any, parsed: ParsedRequest, chat: bool,
+                          started: float) -> web.StreamResponse:
+        response = web.StreamResponse(headers={**CORS, "Content-Type": "text/event-stream",
+                                               "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        text = IncrementalText(self.engine)
+        first = [False]
+        if chat:
+            await response.write(_sse(_chat_chunk(ident, created, self.info.model_id, {"role": "assistant", "content": ""}, None)))
+        async for chunk in stream:
+            if chunk.ids:
+                self._observe_first(started, first)
+                self.metrics.tokens(len(chunk.ids))
+            done = chunk.finish_reason is not None
+            delta = text.push(list(chunk.ids), final=done)
+            if delta:
+                await response.write(_sse(self._chunk(chat, ident, created, delta, None)))
+            if done:
+                await response.write(_sse(self._chunk(chat, ident, created, "", _openai_reason(chunk.finish_reason))))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    def _chunk(self, chat: bool, ident: str, created: int, text: str, finish: str | None) -> dict[str, Any]:
+        if chat:
+            return _chat_chunk(ident, created, self.info.model_id, {"content": text} if text else {}, finish)
+        return {"id": ident, "object": "text_completion", "created": created, "model": self.info.model_id,
+                "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+
+    async def _whole(self, stream: Any, parsed: ParsedRequest, chat: bool, started: float) -> web.Response:
+        ids: list[int] = []
+        finish = None
+        first = [False]
+        async for chunk in stream:
+            if chunk.ids:
+                self._observe_first(started, first)
+                self.metrics.tokens(len(chunk.ids))
+            ids.extend(chunk.ids)
+            finish = chunk.finish_reason or finish
+        text = self.engine.decode(ids)
+        usage = {"prompt_tokens": len(parsed.prompt_ids), "completion_tokens": len(ids),
+                 "total_tokens": len(parsed.prompt_ids) + len(ids)}
+        ident = uuid.uuid4().hex[:24]
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "finish_reason": _openai_reason(finish)}
+            body = {"id": "chatcmpl-" + ident, "object": "chat.completion", "created": int(time.time()),
+                    "model": self.info.model_id, "choices": [choice], "usage": usage}
+        else:
+            choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": _openai_reason(finish)}
+            body = {"id": "cmpl-" + ident, "object": "text_completion", "created": int(time.time()),
+                    "model": self.info.model_id, "choices": [choice], "usage": usage}
+        return web.json_response(body, headers=CORS)
+
+
+def _openai_reason(reason: str | None) -> str | None:
+    return {"cancel": "stop"}.get(reason or "", reason)
+
+
+def _chat_chunk(ident: str, created: int, model: str, delta: dict[str, str], finish: str | None) -> dict[str, Any]:
+    return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"

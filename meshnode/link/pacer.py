@@ -1,0 +1,687 @@
+"""Pacing for token streams on a byte-capped link: adaptive coalescing, multiplexing, admission.
+
+On the mesh, framing — not the token encoding — decides the bandwidth (legion-mesh §3.3): every
+data-channel message pays 103 B of Trystero framing, ~97 B of DTLS/SCTP/UDP/IP/TURN per packet,
+and the receiver's SCTP acknowledges every packet (~97 B back). So the :class:`Pacer` decides
+*how tokens are packed into messages* from a byte budget:
+
+* **Adaptive coalescing.** One window ``W`` for all streams, the smallest in
+  ``[min_window, max_window]`` for which the predicted bytes per second (from the number of
+  streams, how they are grouped into messages, their token rate, recent stream start-ups and
+  :class:`WireCosts`) stay under ``target_utilisation × budget`` (else ``headroom × budget``) and
+  the message rate under ``max_messages_per_second`` (the CPU cost of aiortc's pure-Python SCTP). A stream's first ids wait at most ``min_window`` (time to first
+  token); later ids wait at most ``W`` for company.
+* **Per-stream streaming zstd** when the asker's HELLO accepts ``zstd`` (one context per stream,
+  flushed per message; legion-mesh §2.7).
+* **Multiplexing (meshnode extension, negotiated).** A HELLO with ``accept_mux: 1`` lets all of
+  that peer's streams share one message per window. READY then carries ``mux`` (the id of the
+  peer's multiplex stream) and ``mux_tag`` (this stream's small integer tag). Frames arrive as DATA
+  envelopes of stream ``mux`` whose body is a msgpack array of ``[tag, bytes]`` pairs: ``bytes``
+  are that stream's next Codec frame, zstd-compressed in the stream's own context when READY says
+  ``compression: "zstd"``. A frame with ``done: true`` ends the stream (no END envelope). Each
+  stream keeps its own compression context, so nothing is shared between streams.
+* **No repeated text (meshnode extension, negotiated).** A HELLO with ``result_text: false`` says
+  the tab renders the frames, so the ``engine_run`` result leaves out ``text`` (for a 500-token
+  answer that is ~2.3 KB, as much as all of its frames); READY confirms with ``result_text: false``.
+* **Admission control.** A new stream is admitted only if the budget still holds with it at
+  ``max_window``; otherwise it is refused with a reason (``busy: link budget …``) and
+  :meth:`Pacer.available` is false (the service advertises ``cap.available = false``), so goodput
+  does not collapse past capacity.
+
+Tabs that do not negotiate (no HELLO) still get plain bare Codec frames, only coalesced by the
+window. :class:`LegionService` uses a pacer through the small :class:`StreamPolicy` hook; without
+one its behaviour is unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import msgpack
+
+from meshnode.errors import MeshError
+from meshnode.wire.codec import (
+    CodecFrame,
+    Envelope,
+    EnvelopeKind,
+    StreamCompressor,
+    encode_envelope,
+    encode_frame,
+)
+
+logger = logging.getLogger(__name__)
+
+MUX_FIELD = "accept_mux"
+RESULT_TEXT_FIELD = "result_text"
+MAX_PENDING_IDS_PER_STREAM = 4096
+TERMINAL_FLUSH_TIMEOUT_SECONDS = 30.0
+"""Longest a stream's last frame may wait to go out before the stream gives up."""
+REPLAN_SECONDS = 0.5
+SCTP_USER_DATA_BYTES = 1160
+"""aiortc's largest DATA chunk payload (``USERDATA_MAX_LENGTH``): bigger messages take more packets."""
+
+
+class ActionLike(Protocol):
+    async def send(self, payload: Any, target: str | list[str] | None = None) -> None: ...
+
+
+class StreamSink(Protocol):
+    """Where one stream's ids go; returned by :meth:`StreamPolicy.open_stream`."""
+
+    coalesce: tuple[int, float]
+    """(max_ids, max_delay_seconds) for the service's own coalescing before :meth:`send`."""
+    frames_sent: int
+
+    async def send(self, ids: list[int], finish_reason: str | None) -> None:
+        """Take the next ids; a non-None `finish_reason` ends the stream (returns once it is sent)."""
+        ...
+
+
+class StreamPolicy(Protocol):
+    """The hook :class:`meshnode.legion.service.LegionService` calls around each stream."""
+
+    def admit(self, peer_id: str, stream_id: str) -> str | None:
+        """Reserve room for a new stream; returns a refusal reason, or None when admitted."""
+        ...
+
+    def available(self) -> bool:
+        """Whether a new stream would be admitted now (drives ``cap.available``)."""
+        ...
+
+    def on_hello(self, peer_id: str, stream_id: str, body: Mapping[str, Any], compression: str) -> dict[str, Any]:
+        """Note what a HELLO negotiated; returns extra READY fields."""
+        ...
+
+    def open_stream(self, action: ActionLike, peer_id: str, stream_id: str, *, negotiated: bool,
+                    compression: str) -> StreamSink:
+        """The sink for an admitted stream (`negotiated`: the asker sent a HELLO for it)."""
+        ...
+
+    def release(self, peer_id: str, stream_id: str) -> None:
+        """The stream is over (finished, failed or cancelled); idempotent."""
+        ...
+
+    def result_content(self, peer_id: str, stream_id: str, content: dict[str, Any]) -> dict[str, Any]:
+        """The engine_run result content to send once the stream has ended (may drop ``text``)."""
+        ...
+
+
+# -- the cost model ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class WireCosts:
+    """Bytes per message and per packet on a TURN-relayed data channel (estimates, IPv4).
+
+    Defaults: Trystero room frame + action chunk header = 103 B (trystero-wire §8.8); a DATA
+    envelope around a body with a 15-character stream id ≈ 30 B (legion-mesh §5.5); per packet
+    DTLS 1.2 AES-GCM record 37 B + SCTP common and DATA chunk headers 28 B + UDP/IP 28 B + TURN
+    ChannelData 4 B = 97 B; the receiver's SACK ≈ 97 B back per packet.
+    """
+
+    trystero_bytes: int = 103
+    envelope_bytes: int = 30
+    packet_bytes: int = 97
+    ack_bytes: int = 97
+    frame_bytes: int = 13
+    """A Codec frame's map keys and flags; zstd shrinks them to a few bytes after the first."""
+    id_bytes: float = 2.6
+    """One token id in a frame (msgpack uint16 mostly), before compression."""
+    mux_item_bytes: int = 6
+    """Per stream in a multiplexed message: array header, tag, bin header."""
+    zstd_ratio: float = 0.75
+    """Compressed/raw size of a frame (streaming zstd with a flush per message)."""
+    zstd_block_bytes: int = 3
+
+
+@dataclass(frozen=True, kw_only=True)
+class PacingConfig:
+    """Settings of a :class:`Pacer`."""
+
+    budget_bytes_per_second: float
+    """The link's byte budget per direction (0: unknown — windows stay at ``min_window``, no admission)."""
+    headroom: float = 0.85
+    """Admit streams while they fit this fraction of the budget at ``max_window`` (the rest is for
+    control traffic, retransmissions and estimate errors)."""
+    target_utilisation: float = 0.65
+    """Choose the window for this fraction of the budget when ``max_window`` allows it; above it
+    the window only widens as far as ``headroom`` needs (queues on a full link cost latency)."""
+    stream_control_bytes: int = 1400
+    """Bytes a stream costs on the link besides its frames, once per stream: READY, the engine_run
+    result, acknowledgements of the asker's HELLO and call (measured by ``meshnode bench``)."""
+    stream_seconds: float = 20.0
+    """Expected stream lifetime until measured: spreads ``stream_control_bytes`` for admission."""
+    startup_seconds: float = 2.0
+    """Over how long a start-up's control bytes are spread when planning the window."""
+    reopen_fraction: float = 0.05
+    """Hysteresis: once full, ``available`` turns true again only when this fraction of the admitted
+    streams (at least one) could still be added, so ``cap.available`` does not flap."""
+    token_rate: float = 30.0
+    """Expected tokens per second per stream until measured."""
+    min_window_seconds: float = 0.05
+    max_window_seconds: float = 0.4
+    """Upper bound of the coalescing window: the latency promise (p95 inter-token delay)."""
+    max_messages_per_second: float = 400.0
+    """Message-rate ceiling for the node (aiortc's SCTP/DTLS is pure Python: ~1 ms of CPU per message)."""
+    multiplex: bool = True
+    """Let peers that negotiate ``accept_mux`` share one message per window across their streams."""
+    admission: bool = True
+    """Refuse new streams that would not fit (False: admit everything, only adapt the window)."""
+    costs: WireCosts = field(default_factory=WireCosts)
+
+
+@dataclass
+class _UnitLoad:
+    streams: int
+    mux: bool
+    negotiated: bool
+    compressed: bool
+
+
+def message_bytes(unit: _UnitLoad, tokens: float, costs: WireCosts) -> float:
+    """Predicted data-channel payload + Trystero framing of one message carrying `tokens` ids."""
+    frame = costs.frame_bytes + tokens / max(1, unit.streams) * costs.id_bytes
+    if unit.compressed:
+        frame = frame * costs.zstd_ratio + costs.zstd_block_bytes
+    body = unit.streams * (frame + (costs.mux_item_bytes if unit.mux else 0)) if unit.mux else frame
+    wrapper = costs.envelope_bytes if unit.negotiated else 0
+    return costs.trystero_bytes + wrapper + body
+
+
+def predict(units: list[_UnitLoad], window: float, rate: float, costs: WireCosts) -> tuple[float, float, float]:
+    """(bytes/s out, bytes/s back, messages/s) for `units` at coalescing window `window`."""
+    out = back = messages = 0.0
+    for unit in units:
+        if unit.streams <= 0:
+            continue
+        token_rate = unit.streams * rate
+        per_second = min(1.0 / window, token_rate)  # never more than one message per token
+        size = message_bytes(unit, token_rate / per_second, costs)
+        packets = math.ceil(size / SCTP_USER_DATA_BYTES)
+        out += per_second * (size + packets * costs.packet_bytes)
+        back += per_second * packets * costs.ack_bytes
+        messages += per_second
+    return out, back, messages
+
+
+# -- runtime ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Slot:
+    """One stream inside a unit."""
+
+    stream_id: str
+    tag: int
+    compressor: StreamCompressor | None
+    pending: list[int] = field(default_factory=list)
+    pending_since: float | None = None
+    finish: str | None = None
+    started: bool = False
+    flushed: asyncio.Future[None] | None = None
+    room: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class _Unit:
+    """A group of streams whose ids share messages: a peer's multiplexed streams, or one stream."""
+
+    def __init__(self, pacer: Pacer, action: ActionLike, peer_id: str, key: str, *, mux: bool,
+                 negotiated: bool, compressed: bool) -> None:
+        self.pacer = pacer
+        self.action = action
+        self.peer_id = peer_id
+        self.key = key
+        self.mux = mux
+        self.negotiated = negotiated
+        self.compressed = compressed
+        self.slots: dict[str, _Slot] = {}
+        self.seq = 2
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    def load(self) -> _UnitLoad:
+        return _UnitLoad(streams=len(self.slots), mux=self.mux, negotiated=self.negotiated,
+                         compressed=self.compressed)
+
+    def ensure_running(self) -> None:
+        if self.task is None or self.task.done():
+            self.task = self.pacer._spawn(self._run(), f"pacing.unit[{self.peer_id[:8]}/{self.key}]")
+
+    async def _run(self) -> None:
+        """Send whatever is pending once its oldest id has waited a window (or at once for a
+        stream's first ids), until the unit has no streams left."""
+        loop = asyncio.get_running_loop()
+        while self.slots:
+            await self.wake.wait()
+            self.wake.clear()
+            while True:
+                due = self._due_at()
+                if due is None:
+                    break
+                delay = due - loop.time()
+                if delay > 0:
+                    try:
+                        async with asyncio.timeout(delay):
+                            await self.wake.wait()
+                        self.wake.clear()
+                        continue  # something new (maybe a first frame): re-evaluate the deadline
+                    except TimeoutError:
+                        pass
+                await self._flush()
+        self.pacer._drop_unit(self)
+
+    def _due_at(self) -> float | None:
+        due: float | None = None
+        for slot in self.slots.values():
+            if not slot.pending and slot.finish is None:
+                continue
+            if slot.pending_since is None:
+                return asyncio.get_running_loop().time()  # a terminal frame without ids: now
+            # A stream's first ids wait only the shortest window (time to first token), so that
+            # streams starting together still share a message.
+            wait = self.pacer.window if slot.started else self.pacer.config.min_window_seconds
+            at = slot.pending_since + wait
+            due = at if due is None else min(due, at)
+        return due
+
+    async def _flush(self) -> None:
+        self.pacer.maybe_replan()
+        ready = [s for s in self.slots.values() if s.pending or s.finish is not None]
+        if not ready:
+            return
+        parts: list[tuple[_Slot, bytes]] = []
+        tokens = 0
+        for slot in ready:
+            ids, slot.pending, slot.pending_since = slot.pending, [], None
+            slot.room.set()
+            tokens += len(ids)
+            frame = encode_frame(CodecFrame(ids=ids, done=slot.finish is not None, finish_reason=slot.finish))
+            parts.append((slot, slot.compressor.compress(frame) if slot.compressor else frame))
+            slot.started = True
+        payloads: list[bytes] = []
+        if self.mux:
+            body = msgpack.packb([[slot.tag, data] for slot, data in parts], use_bin_type=True)
+            payloads.append(encode_envelope(Envelope(kind=EnvelopeKind.DATA, stream_id=self.key, seq=self.seq,
+                                                     body=body)))
+            self.seq += 1
+        else:
+            slot, data = parts[0]
+            if self.negotiated:
+                payloads.append(encode_envelope(Envelope(kind=EnvelopeKind.DATA, stream_id=slot.stream_id,
+                                                         seq=self.seq, body=data)))
+                self.seq += 1
+                if slot.finish is not None:
+                    payloads.append(encode_envelope(Envelope(
+                        kind=EnvelopeKind.END, stream_id=slot.stream_id, seq=self.seq,
+                        body={"codec_version": 1, "finish_reason": slot.finish})))
+            else:
+                payloads.append(data)
+        try:
+            for payload in payloads:
+                await self.action.send(payload, target=self.peer_id)
+                self.pacer.stats.record_message(len(payload))
+            self.pacer.stats.tokens += tokens
+        finally:
+            for slot, _ in parts:
+                if slot.finish is not None:
+                    self.slots.pop(slot.stream_id, None)
+                    if slot.flushed is not None and not slot.flushed.done():
+                        slot.flushed.set_result(None)
+
+
+@dataclass
+class PacerStats:
+    """What the pacer did (application-side counts; the bench measures the wire separately)."""
+
+    messages: int = 0
+    payload_bytes: int = 0
+    tokens: int = 0
+    admitted: int = 0
+    refused: int = 0
+    windows: list[float] = field(default_factory=list)
+    peak_streams: int = 0
+    capacity_hint: float | None = None
+    """At the peak, how many streams of that mix the model would admit."""
+
+    def record_message(self, size: int) -> None:
+        self.messages += 1
+        self.payload_bytes += size
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"messages": self.messages, "payload_bytes": self.payload_bytes, "tokens": self.tokens,
+                "admitted": self.admitted, "refused": self.refused, "peak_streams": self.peak_streams,
+                "capacity_hint": None if self.capacity_hint is None else round(self.capacity_hint, 1),
+                "window_ms": {"min": round(min(self.windows) * 1000, 1) if self.windows else None,
+                              "max": round(max(self.windows) * 1000, 1) if self.windows else None,
+                              "last": round(self.windows[-1] * 1000, 1) if self.windows else None}}
+
+
+@dataclass
+class _Negotiated:
+    mux: bool
+    compression: str
+    when: float
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """How an admitted stream will travel (for the cost model)."""
+
+    mux: bool
+    negotiated: bool
+    compressed: bool
+
+
+class _PacedSink:
+    """The :class:`StreamSink` of a paced stream: ids go into the unit's slot."""
+
+    coalesce = (1, 0.0)  # the pacer coalesces; the service forwards engine chunks as they come
+
+    def __init__(self, unit: _Unit, slot: _Slot) -> None:
+        self._unit = unit
+        self._slot = slot
+        self.frames_sent = 0
+
+    async def send(self, ids: list[int], finish_reason: str | None) -> None:
+        slot = self._slot
+        if slot.stream_id not in self._unit.slots:  # released already (an error frame after the end)
+            if finish_reason is None:
+                return
+            self._unit.slots[slot.stream_id] = slot
+        while len(slot.pending) >= MAX_PENDING_IDS_PER_STREAM and slot.stream_id in self._unit.slots:
+            slot.room.clear()  # backpressure: the link is behind; let the engine stream coalesce
+            await slot.room.wait()
+        if ids:
+            if not slot.pending:
+                slot.pending_since = asyncio.get_running_loop().time()
+            slot.pending.extend(ids)
+        if finish_reason is not None:
+            slot.finish = finish_reason
+            slot.flushed = asyncio.get_running_loop().create_future()
+        self._unit.wake.set()
+        self._unit.ensure_running()
+        self.frames_sent += 1
+        if slot.flushed is not None:
+            try:
+                async with asyncio.timeout(TERMINAL_FLUSH_TIMEOUT_SECONDS):
+                    await asyncio.shield(slot.flushed)
+            except TimeoutError:
+                raise MeshError(f"stream {slot.stream_id}: last frame not sent within "
+                                f"{TERMINAL_FLUSH_TIMEOUT_SECONDS:.0f} s") from None
+
+
+class Pacer:
+    """A :class:`StreamPolicy` that paces every stream of a node against one byte budget.
+
+    One pacer may serve several rooms (its units remember the action to send on). Call
+    :meth:`close` when the node stops; it cancels the unit tasks.
+
+    Args:
+        config: budget and limits.
+        clock: monotonic clock (seconds), injectable for tests.
+    """
+
+    def __init__(self, config: PacingConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.clock = clock
+        self.stats = PacerStats()
+        self.window = config.min_window_seconds
+        self._units: dict[tuple[str, str], _Unit] = {}
+        self._negotiated: dict[tuple[str, str], _Negotiated] = {}
+        self._reserved: dict[tuple[str, str], _Shape] = {}  # admitted and not yet released
+        self._tags: dict[tuple[str, str], int] = {}
+        self._no_text: set[tuple[str, str]] = set()
+        self._admitted_at: deque[float] = deque(maxlen=4096)
+        self._opened_at: dict[tuple[str, str], float] = {}
+        self._lifetime = config.stream_seconds
+        self._planned_at = 0.0
+        self._full = False
+        self._mux_seq: dict[str, int] = {}
+        self._mux_ids: dict[str, str] = {}
+        self._mux_tags: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._tokens_seen = 0
+        self._rate_started: float | None = None
+
+    # -- model --------------------------------------------------------------------------------------
+
+    def _loads(self, extra: tuple[str, _Shape] | None = None) -> list[_UnitLoad]:
+        """Current unit loads, counting admitted streams that have not opened yet, plus `extra`."""
+        units: dict[tuple[str, str], _UnitLoad] = {}
+        entries = list(self._reserved.items())
+        if extra is not None:
+            entries.append(((extra[0], "\x00new"), extra[1]))
+        for (peer, sid), shape in entries:
+            key = (peer, "\x00mux") if shape.mux else (peer, sid)
+            load = units.setdefault(key, _UnitLoad(streams=0, mux=shape.mux, negotiated=shape.negotiated,
+                                                   compressed=shape.compressed))
+            load.streams += 1
+        return list(units.values())
+
+    def rate(self) -> float:
+        """Tokens per second per stream: the configured rate (the replay or engine speed)."""
+        return self.config.token_rate
+
+    def _predict(self, loads: list[_UnitLoad], window: float) -> tuple[float, float, float]:
+        """Frames (the cost model) plus every stream's control bytes spread over its lifetime."""
+        out, back, messages = predict(loads, window, self.rate(), self.config.costs)
+        streams = sum(load.streams for load in loads)
+        return out + streams * self.config.stream_control_bytes / max(1.0, self._lifetime), back, messages
+
+    def _fits(self, loads: list[_UnitLoad], window: float, fraction: float, extra_bytes_per_second: float = 0.0) -> bool:
+        config = self.config
+        out, back, messages = self._predict(loads, window)
+        limit = fraction * config.budget_bytes_per_second
+        return out + extra_bytes_per_second <= limit and back <= limit and messages <= config.max_messages_per_second
+
+    def capacity_hint(self) -> float | None:
+        """How many streams of the current mix would fit at ``max_window`` (None without streams)."""
+        loads = self._loads()
+        streams = sum(load.streams for load in loads)
+        if not streams or self.config.budget_bytes_per_second <= 0:
+            return None
+        out, _, messages = self._predict(loads, self.config.max_window_seconds)
+        scale = min(self.config.headroom * self.config.budget_bytes_per_second / max(out, 1e-9),
+                    self.config.max_messages_per_second / max(messages, 1e-9))
+        return streams * scale
+
+    def _startup_load(self) -> float:
+        """Bytes per second still owed to recent stream start-ups and refusals (READY, results)."""
+        horizon = self.clock() - self.config.startup_seconds
+        while self._admitted_at and self._admitted_at[0] < horizon:
+            self._admitted_at.popleft()
+        return len(self._admitted_at) * self.config.stream_control_bytes / self.config.startup_seconds
+
+    def plan_window(self) -> float:
+        """The smallest window in [min, max] that keeps the predicted load at the target
+        utilisation (or, if even the widest window cannot, at the admission headroom)."""
+        config = self.config
+        lo, hi = config.min_window_seconds, config.max_window_seconds
+        loads = self._loads()
+        if config.budget_bytes_per_second <= 0 or not loads:
+            return lo
+        startup = self._startup_load()
+        for fraction in (config.target_utilisation, config.headroom):
+            if self._fits(loads, lo, fraction, startup):
+                return lo
+            if not self._fits(loads, hi, fraction, startup):
+                continue
+            low, high = lo, hi
+            for _ in range(20):  # predicted cost falls as the window grows: bisect
+                mid = (low + high) / 2
+                if self._fits(loads, mid, fraction, startup):
+                    high = mid
+                else:
+                    low = mid
+            return high
+        return hi
+
+    def _replan(self) -> None:
+        self._planned_at = self.clock()
+        self.window = self.plan_window()
+        self.stats.windows.append(self.window)
+        streams = len(self._reserved)
+        if streams >= self.stats.peak_streams:
+            self.stats.peak_streams = streams
+            self.stats.capacity_hint = self.capacity_hint()
+
+    def maybe_replan(self) -> None:
+        """Re-plan at most every REPLAN_SECONDS (start-up load fades as time passes)."""
+        if self.clock() - self._planned_at >= REPLAN_SECONDS:
+            self._replan()
+
+    # -- StreamPolicy -------------------------------------------------------------------------------
+
+    def on_hello(self, peer_id: str, stream_id: str, body: Mapping[str, Any], compression: str) -> dict[str, Any]:
+        mux = bool(self.config.multiplex and body.get(MUX_FIELD))
+        self._negotiated[(peer_id, stream_id)] = _Negotiated(mux=mux, compression=compression, when=self.clock())
+        if len(self._negotiated) > 4096:  # HELLOs that never became streams
+            oldest = sorted(self._negotiated.items(), key=lambda kv: kv[1].when)[:1024]
+            for key, _ in oldest:
+                self._negotiated.pop(key, None)
+        extra: dict[str, Any] = {}
+        if body.get(RESULT_TEXT_FIELD) is False and len(self._no_text) < 4096:
+            self._no_text.add((peer_id, stream_id))
+            extra[RESULT_TEXT_FIELD] = False
+        if mux:
+            mux_id = self._mux_ids.setdefault(peer_id, f"mx-{len(self._mux_ids) + 1}")
+            tag = self._mux_tags.get(peer_id, 0) + 1
+            self._mux_tags[peer_id] = tag
+            extra.update({"mux": mux_id, "mux_tag": tag})
+            self._tags[(peer_id, stream_id)] = tag
+        return extra
+
+    def admit(self, peer_id: str, stream_id: str) -> str | None:
+        shape = self._shape(peer_id, stream_id)
+        config = self.config
+        if config.admission and config.budget_bytes_per_second > 0:
+            loads = self._loads(extra=(peer_id, shape))
+            if not self._fits(loads, config.max_window_seconds, config.headroom):
+                self.stats.refused += 1
+                self._admitted_at.append(self.clock())  # its READY and refusal cost bytes too
+                streams = len(self._reserved)
+                return (f"busy: link budget {config.budget_bytes_per_second:.0f} B/s is full "
+                        f"({streams} streams running); retry when cap.available is true")
+        self._reserved[(peer_id, stream_id)] = shape
+        self._admitted_at.append(self.clock())
+        self.stats.admitted += 1
+        self._replan()
+        return None
+
+    def available(self) -> bool:
+        config = self.config
+        if not config.admission or config.budget_bytes_per_second <= 0:
+            return True
+        probe = _Shape(mux=config.multiplex, negotiated=True, compressed=True)
+        room = 1 if not self._full else max(1, round(config.reopen_fraction * len(self._reserved)))
+        loads = self._loads()  # plus `room` newcomers, each on a peer of its own (the costly case)
+        loads.extend(_UnitLoad(streams=1, mux=probe.mux, negotiated=True, compressed=True) for _ in range(room))
+        self._full = not self._fits(loads, config.max_window_seconds, config.headroom)
+        return not self._full
+
+    def _shape(self, peer_id: str, stream_id: str) -> _Shape:
+        info = self._negotiated.get((peer_id, stream_id))
+        if info is None:
+            return _Shape(mux=False, negotiated=False, compressed=False)
+        return _Shape(mux=info.mux, negotiated=True, compressed=info.compression == "zstd")
+
+    def open_stream(self, action: ActionLike, peer_id: str, stream_id: str, *, negotiated: bool,
+                    compression: str) -> StreamSink:
+        if (peer_id, stream_id) not in self._reserved:  # not admitted through admit(): count it now
+            self._reserved[(peer_id, stream_id)] = self._shape(peer_id, stream_id)
+            self._replan()
+        info = self._negotiated.pop((peer_id, stream_id), None)
+        mux = bool(info and info.mux)
+        zstd = compression == "zstd"
+        self._opened_at[(peer_id, stream_id)] = self.clock()
+        if mux:
+            key = self._mux_ids[peer_id]
+            unit = self._units.get((peer_id, key))
+            if unit is None:
+                unit = self._units[(peer_id, key)] = _Unit(self, action, peer_id, key, mux=True, negotiated=True,
+                                                           compressed=zstd)
+                unit.seq = self._mux_seq.get(peer_id, 2)  # one multiplex stream per peer: n keeps counting
+        else:
+            unit = self._units[(peer_id, stream_id)] = _Unit(self, action, peer_id, stream_id, mux=False,
+                                                             negotiated=negotiated, compressed=zstd)
+        slot = _Slot(stream_id=stream_id, tag=self._tags.pop((peer_id, stream_id), 0),
+                     compressor=StreamCompressor() if zstd else None)
+        unit.slots[stream_id] = slot
+        unit.ensure_running()
+        return _PacedSink(unit, slot)
+
+    def release(self, peer_id: str, stream_id: str) -> None:
+        opened = self._opened_at.pop((peer_id, stream_id), None)
+        if opened is not None:  # learn how long streams live (spreads their control bytes)
+            self._lifetime = 0.9 * self._lifetime + 0.1 * max(1.0, self.clock() - opened)
+        if self._reserved.pop((peer_id, stream_id), None) is not None:
+            self._replan()
+        self._negotiated.pop((peer_id, stream_id), None)
+        self._tags.pop((peer_id, stream_id), None)
+        for unit in list(self._units.values()):
+            if unit.peer_id == peer_id and stream_id in unit.slots:
+                slot = unit.slots.pop(stream_id)
+                if slot.flushed is not None and not slot.flushed.done():
+                    slot.flushed.cancel()
+                unit.wake.set()
+
+    def result_content(self, peer_id: str, stream_id: str, content: dict[str, Any]) -> dict[str, Any]:
+        if (peer_id, stream_id) in self._no_text:
+            self._no_text.discard((peer_id, stream_id))
+            return {key: value for key, value in content.items() if key != "text"}
+        return content
+
+    # -- tasks --------------------------------------------------------------------------------------
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._reap)
+        return task
+
+    def _reap(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("pacing task %s failed: %r", task.get_name(), task.exception())
+
+    def _drop_unit(self, unit: _Unit) -> None:
+        if unit.mux:
+            self._mux_seq[unit.peer_id] = unit.seq
+        if self._units.get((unit.peer_id, unit.key)) is unit and not unit.slots:
+            del self._units[(unit.peer_id, unit.key)]
+
+    async def close(self) -> None:
+        """Cancel every unit task and wait for them."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def decode_mux_body(body: bytes) -> list[tuple[int, bytes]]:
+    """Split a multiplexed DATA body into ``(tag, frame bytes)`` pairs (still compressed if zstd).
+
+    Raises:
+        ValueError: the body is not a msgpack array of ``[int, bin]`` pairs.
+    """
+    try:
+        items = msgpack.unpackb(body, raw=False, use_list=True, max_bin_len=1 << 20, max_array_len=1 << 16)
+    except (msgpack.UnpackException, ValueError) as exc:
+        raise ValueError(f"bad multiplexed body: {exc}") from exc
+    if not isinstance(items, list):
+        raise ValueError("multiplexed body must be an array")
+    out = []
+    for item in items:
+        if (not isinstance(item, list) or len(item) != 2 or type(item[0]) is not int
+                or not isinstance(item[1], bytes)):
+            raise ValueError("multiplexed item must be [tag, bytes]")
+        out.append((item[0], item[1]))
+    return out
