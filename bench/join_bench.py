@@ -34,7 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from meshnode.room.room import Room, RoomConfig  # noqa: E402
+from meshnode.room import Room, RoomConfig  # noqa: E402
 from signaling.adapters.memory import MemoryHub  # noqa: E402
 from signaling.protocol.names import gen_id  # noqa: E402
 from tests import relays  # noqa: E402
@@ -69,8 +69,6 @@ async def one_run(strategy: str, url: str | None) -> dict[str, Any]:
         app_id="bench-join-" + gen_id(8),
         room_id="bench",
         ice_servers=[],
-        host_addresses_mode="only",
-        host_addresses=["127.0.0.1"],
     )
     rooms: list[Room] = []
     started = time.perf_counter()

@@ -48,7 +48,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from meshnode.room.room import Room, RoomConfig  # noqa: E402
+from meshnode.room import Room, RoomConfig  # noqa: E402
 from signaling.protocol.names import gen_id  # noqa: E402
 from tests import relays  # noqa: E402
 from tests.browser.conftest import CHROMIUM, CHROMIUM_FLAGS, WWW, Tab, loopback_only  # noqa: E402
@@ -100,8 +100,6 @@ async def one_run(
             app_id=app_id,
             room_id="bench",
             ice_servers=[],
-            host_addresses_mode="only",
-            host_addresses=["127.0.0.1"],
             self_id=python_id,
         )
 

@@ -34,7 +34,7 @@ if str(ROOT) not in sys.path:
 import psutil  # noqa: E402
 from aiortc import RTCDataChannel, RTCPeerConnection  # noqa: E402
 
-from meshnode.transport.peer import quiet_connect_teardown  # noqa: E402
+from meshnode.transport.ice import quiet_connect_teardown  # noqa: E402
 from signaling.adapters.memory import MemoryHub  # noqa: E402
 from tests.fakes import TimedEngine, expected_ids  # noqa: E402
 from tests.meshkit import Asker, join_room, node_settings, start_node  # noqa: E402

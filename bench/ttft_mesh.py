@@ -48,13 +48,21 @@ from meshnode.cli.config import load_settings  # noqa: E402
 from meshnode.generation.engine import SamplingParams, TorchEngine  # noqa: E402
 from meshnode.generation.models import resolve_model  # noqa: E402
 from meshnode.node.node import Node, room_config  # noqa: E402
-from meshnode.room.room import Room  # noqa: E402
-from meshnode.wire.codec import DATA, END, HELLO, CodecFrame, Envelope, decode_cf_payload, decode_frame, encode_envelope  # noqa: E402
+from meshnode.room import Room  # noqa: E402
+from meshnode.wire.envelopes import (
+    DATA,
+    END,
+    HELLO,
+    Envelope,
+    decode_cf_payload,
+    encode_envelope,
+)  # noqa: E402
+from meshnode.wire.frames import CodecFrame, decode_frame  # noqa: E402
 from tests import relays  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "ttft_mesh.json"
 STRATEGIES = ["ws-relay", "mqtt"]
-LOOPBACK = {"host_addresses_mode": "only", "host_addresses": ["127.0.0.1"], "ice_servers": []}
+LOOPBACK = {"ice_servers": []}
 PROMPTS = [
     "What is the capital of France?",
     "Name three primary colors.",

@@ -19,7 +19,8 @@ if str(ROOT) not in sys.path:
 from fuzz.targets import KEY  # noqa: E402
 from meshnode.wire import legion  # noqa: E402
 from meshnode.wire import roomframes as rf  # noqa: E402
-from meshnode.wire.codec import CodecFrame, Envelope, encode_envelope, encode_frame  # noqa: E402
+from meshnode.wire.envelopes import Envelope, encode_envelope  # noqa: E402
+from meshnode.wire.frames import CodecFrame, encode_frame  # noqa: E402
 from signaling.protocol import messages  # noqa: E402
 from signaling.protocol.sealing import Sealer  # noqa: E402
 

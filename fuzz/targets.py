@@ -19,13 +19,9 @@ from typing import Any
 from meshnode.errors import FrameError, ProtocolError
 from meshnode.wire import legion
 from meshnode.wire import roomframes as rf
-from meshnode.wire.codec import (
-    EnvelopeReassembler,
-    StreamDecoder,
-    StreamDecompressor,
-    decode_cf_payload,
-    decode_envelope,
-)
+from meshnode.wire.compression import StreamDecompressor
+from meshnode.wire.envelopes import EnvelopeReassembler, decode_cf_payload, decode_envelope
+from meshnode.wire.frames import StreamDecoder
 from signaling.protocol import messages
 from signaling.protocol.sealing import SealError, Sealer
 
@@ -261,7 +257,9 @@ class _Pipeline:
     """A Room bound to one fake peer, and a LegionService reading its actions (no network)."""
 
     def __init__(self) -> None:
-        from meshnode.room.room import Room, RoomConfig, _AppMesh, _Binding
+        from meshnode.room import Room, RoomConfig
+        from meshnode.room.handshake import Binding
+        from meshnode.room.mesh import AppMesh
         from meshnode.legion.service import LegionService, ServiceConfig
         from tests.fakes import TimedEngine
 
@@ -282,13 +280,13 @@ class _Pipeline:
             config = RoomConfig(strategy="memory", app_id="fuzz", room_id="fuzz", max_message_bytes=64_000,
                                 max_pending_bytes_per_peer=128_000, max_queued_messages_per_peer=16)
             room = Room(config, relays=[])
-            mesh = _AppMesh(room.self_id, "fuzz")
+            mesh = AppMesh(room.self_id, "fuzz")
             room._mesh = mesh  # noqa: SLF001 - wired by hand instead of Room.join
             room._state = "joined"  # noqa: SLF001
             mesh.rooms[room.token] = room
             link = FakeLink()
             mesh.live[self.peer] = link  # type: ignore[assignment]
-            room._bindings[self.peer] = _Binding(peer_id=self.peer, link=link, joined=True)  # type: ignore[arg-type]  # noqa: SLF001
+            room._bindings[self.peer] = Binding(peer_id=self.peer, link=link, joined=True)  # type: ignore[arg-type]  # noqa: SLF001
             service = LegionService(room, TimedEngine(rate=1e6, tokens=3), map_id="m", map_hash="sha256:0",
                                     config=ServiceConfig(nick="n", model_id="m", skills=[], authoritative=[],
                                                          system_prompt="", calls_per_minute=1_000_000,
@@ -308,7 +306,7 @@ class _Pipeline:
             frame = rf.encode_room_frame(token, piece) if piece[:1] != b"\x02" else piece
             self.mesh._on_frame(self.link, frame)  # noqa: SLF001
         for name, handler in self.handlers.items():
-            mailbox = self.room.make_action(name)._mailbox  # noqa: SLF001
+            mailbox = self.room.make_action(name).mailbox
             while len(mailbox):
                 message = await mailbox.get()
                 try:

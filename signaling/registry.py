@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Sequence
 from importlib import metadata
+from typing import Any
 
 from signaling.base import SignalingError
 
@@ -142,3 +144,22 @@ def get_adapter_class(name: str) -> type:
     if not isinstance(loaded, type):
         raise AdapterLoadError(name, target, f"{loaded!r} is not a class")
     return loaded
+
+
+def build_relays(strategy: str, urls: Sequence[str] = ()) -> list[Any]:
+    """One adapter per URL for `strategy`; no URLs means the strategy's public defaults.
+
+    Raises:
+        SignalingError: the strategy is unknown or has no default relays (the message says so),
+            or an adapter refused its URL.
+    """
+    chosen = list(urls) or list(DEFAULT_RELAYS.get(strategy, []))
+    if strategy == "memory" and not chosen:
+        chosen = ["memory://default"]
+    if not chosen:
+        raise SignalingError(f"no relay URLs given and {strategy!r} has no public defaults")
+    adapter = get_adapter_class(strategy)
+    try:
+        return [adapter(url) for url in chosen]
+    except ValueError as exc:
+        raise SignalingError(f"{strategy} relay: {exc}") from exc

@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from meshnode.transport.ice import IcePolicy, apply_ice_policy
 from tests import relays
+
+# aioice's host addresses are process-wide (meshnode.transport.ice): every test process serves and
+# connects on loopback only, as the namespace it runs in has nothing else.
+apply_ice_policy(IcePolicy(host_addresses_mode="only", host_addresses=("127.0.0.1",)))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under CI (MESHNODE_REQUIRE_NETNS=1) refuse to run anywhere but a loopback-only namespace."""
+    if os.environ.get("MESHNODE_REQUIRE_NETNS") != "1":
+        return
+    interfaces = sorted(p.name for p in Path("/sys/class/net").iterdir())
+    if interfaces != ["lo"]:
+        raise pytest.UsageError(f"MESHNODE_REQUIRE_NETNS=1 but this network namespace has {interfaces}: run the "
+                                "suite through scripts/test.sh (unshare -n), never on the host network")
 
 # ------------------------------------------------------------------------------------------------
 # Local relays (owner: signaling relays). Real relays on free 127.0.0.1 ports, see tests/relays.py.

@@ -16,10 +16,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshnode.room.room import Room
+from meshnode.room import Room
 from meshnode.transport.peer import PeerError
 from meshnode.wire import legion
-from meshnode.wire.codec import END, CodecFrame, Envelope, decode_cf_payload, encode_envelope
+from meshnode.wire.envelopes import END, Envelope, decode_cf_payload, encode_envelope
+from meshnode.wire.frames import CodecFrame
 from meshnode.wire.roomframes import (
     CHUNK_PAYLOAD_BYTES,
     TAG_BINARY,

@@ -18,26 +18,15 @@ from typing import Any
 
 from meshnode.cli.config import load_settings
 from meshnode.node.node import Node, room_config
-from meshnode.room.room import Room
+from meshnode.room import Room
 from meshnode.settings import Settings
 from meshnode.wire import legion
-from meshnode.wire.codec import (
-    DATA,
-    END,
-    HELLO,
-    READY,
-    CodecFrame,
-    Envelope,
-    decode_cf_payload,
-    decode_frame,
-    encode_envelope,
-)
-from signaling.strategies.topic import StrategyTimers
+from meshnode.wire.envelopes import DATA, END, HELLO, READY, Envelope, decode_cf_payload, encode_envelope
+from meshnode.wire.frames import CodecFrame, decode_frame
+from signaling.strategies.engine import StrategyTimers
 from tests.fakes import stub_model_info
 
 LOOPBACK: dict[str, Any] = {
-    "host_addresses_mode": "only",
-    "host_addresses": ["127.0.0.1"],
     "ice_servers": [],
     "timers": StrategyTimers(announce_interval_seconds=1.0),
 }

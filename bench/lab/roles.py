@@ -32,21 +32,13 @@ from bench.lab.modes import MODES, SSE_ACTION, Mode, make_pacer, policy_for, str
 from bench.lab.source import DEFAULT_COMPLETION_PATH, Completion, ReplayEngine
 from meshnode.errors import FrameError, MeshError
 from meshnode.link.pacer import decode_mux_body
-from meshnode.room.room import Room, RoomConfig
+from meshnode.room import Room, RoomConfig
+from meshnode.transport.ice import IcePolicy, apply_ice_policy
 from meshnode.legion.service import LegionService, ServiceConfig
 from meshnode.wire import legion
-from meshnode.wire.codec import (
-    DATA,
-    END,
-    HELLO,
-    READY,
-    CodecFrame,
-    Envelope,
-    StreamDecoder,
-    StreamDecompressor,
-    decode_cf_payload,
-    encode_envelope,
-)
+from meshnode.wire.compression import StreamDecompressor
+from meshnode.wire.envelopes import DATA, END, HELLO, READY, Envelope, decode_cf_payload, encode_envelope
+from meshnode.wire.frames import CodecFrame, StreamDecoder
 
 logger = logging.getLogger("bench.lab.roles")
 
@@ -76,7 +68,6 @@ def room_config(args: argparse.Namespace, room_id: str, self_id: str | None = No
     return RoomConfig(strategy="ws-relay", relay_urls=[args.signal], app_id=APP_ID, room_id=room_id,
                       self_id=self_id, ice_servers=ice,
                       ice_transport_policy="relay" if args.turn else "all",
-                      host_addresses_mode="auto" if args.turn else "only",
                       drain_timeout_seconds=30.0)
 
 
@@ -478,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, stream=sys.stderr,
                         format=f"%(asctime)s {args.role} %(levelname)s %(name)s: %(message)s")
     runner = {"signal": run_signal, "node": run_node, "peers": run_peers}[args.role]
+    if args.role != "signal" and not getattr(args, "turn", None):  # loopback lab: host candidates on 127.0.0.1
+        apply_ice_policy(IcePolicy(host_addresses_mode="only", host_addresses=("127.0.0.1",)))
     try:
         asyncio.run(runner(args))
     except KeyboardInterrupt:

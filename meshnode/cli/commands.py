@@ -92,7 +92,7 @@ def remove_stop_signals(installed: list[signal.Signals]) -> None:
 
 
 async def run(command: str, args: argparse.Namespace, settings: Settings) -> int:
-    from meshnode.transport.peer import quiet_connect_teardown
+    from meshnode.transport.ice import quiet_connect_teardown
 
     quiet_connect_teardown(asyncio.get_running_loop())
     if command == "generate":

@@ -22,7 +22,7 @@ from meshnode.http.requests import IncrementalText, Limits, ParsedRequest, Reque
 from meshnode.errors import AdmissionError
 from meshnode.http.metrics import Metrics
 from meshnode.generation.modelinfo import ModelInfo, map_index
-from meshnode.wire.codec import CodecFrame, encode_frame
+from meshnode.wire.frames import CodecFrame, encode_frame
 
 logger = logging.getLogger(__name__)
 

@@ -24,21 +24,12 @@ import zstandard
 
 from meshnode.errors import MeshError
 from meshnode.wire.maps import Detokenizer, map_sha256, parse_map
-from meshnode.room.room import Room
+from meshnode.room import Room
 from meshnode.settings import Settings
 from meshnode.wire import legion
-from meshnode.wire.codec import (
-    DATA,
-    END,
-    HELLO,
-    READY,
-    CodecFrame,
-    Envelope,
-    StreamDecompressor,
-    decode_cf_payload,
-    decode_frame,
-    encode_envelope,
-)
+from meshnode.wire.compression import StreamDecompressor
+from meshnode.wire.envelopes import DATA, END, HELLO, READY, Envelope, decode_cf_payload, encode_envelope
+from meshnode.wire.frames import CodecFrame, decode_frame
 
 logger = logging.getLogger(__name__)
 

@@ -25,18 +25,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from meshnode.errors import AdmissionError, FrameError, MeshError
 from meshnode.wire import legion
-from meshnode.wire.codec import (
-    DATA,
-    END,
-    HELLO,
-    READY,
-    CodecFrame,
-    Envelope,
-    StreamCompressor,
-    decode_cf_payload,
-    encode_envelope,
-    encode_frame,
-)
+from meshnode.wire.compression import StreamCompressor
+from meshnode.wire.envelopes import DATA, END, HELLO, READY, Envelope, decode_cf_payload, encode_envelope
+from meshnode.wire.frames import CodecFrame, encode_frame
 
 if TYPE_CHECKING:
     from meshnode.link.pacer import StreamPolicy

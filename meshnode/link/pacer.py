@@ -47,14 +47,9 @@ from typing import Any, Protocol
 import msgpack
 
 from meshnode.errors import MeshError
-from meshnode.wire.codec import (
-    CodecFrame,
-    Envelope,
-    EnvelopeKind,
-    StreamCompressor,
-    encode_envelope,
-    encode_frame,
-)
+from meshnode.wire.compression import StreamCompressor
+from meshnode.wire.envelopes import Envelope, EnvelopeKind, encode_envelope
+from meshnode.wire.frames import CodecFrame, encode_frame
 
 logger = logging.getLogger(__name__)
 

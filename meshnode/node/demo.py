@@ -99,7 +99,7 @@ async def demo_ask(demo: Demo, question: str) -> None:
     from meshnode.legion.client import AskError, ask
     from meshnode.generation.models import default_cache_dir
     from meshnode.node.node import room_config
-    from meshnode.room.room import Room
+    from meshnode.room import Room
 
     assert demo.node is not None
     room = await Room.join(room_config(demo.node.settings))

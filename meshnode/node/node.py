@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from meshnode.generation.modelinfo import ModelInfo
-from meshnode.room.room import Room, RoomConfig
+from meshnode.room import Room, RoomConfig
 from meshnode.legion.service import LegionService, ServiceConfig
 from meshnode.settings import Settings
 

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from meshnode.errors import ConfigError
 from meshnode.generation.modelinfo import map_index
-from meshnode.transport.peer import parse_ice_url
+from meshnode.transport.ice import parse_ice_url
 from meshnode.settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from signaling.protocol.messages import (
     TrackerNotice,
     TrackerOffer,
 )
-from signaling.strategies.topic import (
+from signaling.strategies.engine import (
     RELAY_CONNECT_WAIT_SECONDS,
     Clock,
     JoinErrorHandler,
@@ -32,10 +32,10 @@ from signaling.strategies.topic import (
     PeerFactory,
     StrategyTimers,
     TimerHandle,
-    _Answering,
-    _EngineBase,
-    _Negotiation,
-    _Offer,
+    Answering,
+    NegotiationEngine,
+    Negotiation,
+    Offer,
 )
 
 __all__ = ["TORRENT_ID_LENGTH", "TrackerStrategy"]
@@ -56,7 +56,7 @@ class _PooledOffer:
     timers: list[TimerHandle] = field(default_factory=list)
 
 
-class TrackerStrategy(_EngineBase):
+class TrackerStrategy(NegotiationEngine):
     """Trystero signalling over one or more WebTorrent trackers for one room.
 
     Args:
@@ -228,7 +228,7 @@ class TrackerStrategy(_EngineBase):
             return
         elif isinstance(message, TrackerOffer):
 
-            async def on_offer(neg: _Negotiation) -> None:
+            async def on_offer(neg: Negotiation) -> None:
                 await self._on_offer(relay, neg, message)
 
             self._enqueue(message.peer_id, on_offer)
@@ -241,7 +241,7 @@ class TrackerStrategy(_EngineBase):
                 self._nudge(relay, message.peer_id)
                 return
 
-            async def on_answer(neg: _Negotiation) -> None:
+            async def on_answer(neg: Negotiation) -> None:
                 await self._on_answer(neg, message, pooled)
 
             self._enqueue(message.peer_id, on_answer)
@@ -273,7 +273,7 @@ class TrackerStrategy(_EngineBase):
                 return pooled
         return None
 
-    async def _on_offer(self, relay: TrackerRelay, neg: _Negotiation, offer: TrackerOffer) -> None:
+    async def _on_offer(self, relay: TrackerRelay, neg: Negotiation, offer: TrackerOffer) -> None:
         peer_id = neg.peer_id
         if self._factory.is_live(peer_id) or neg.offer is not None:
             return
@@ -300,7 +300,7 @@ class TrackerStrategy(_EngineBase):
         if self._closed:
             await self._factory.discard(handle)
             return
-        answering = _Answering(offer_id=offer.offer_id, handle=handle, started=self._clock.time())
+        answering = Answering(offer_id=offer.offer_id, handle=handle, started=self._clock.time())
         neg.answering = answering
         answering.timers.append(
             self._timer(self.timers.answer_ttl_seconds, peer_id, self._expire_answering(answering))
@@ -316,7 +316,7 @@ class TrackerStrategy(_EngineBase):
         )
 
     async def _on_answer(
-        self, neg: _Negotiation, answer: TrackerAnswer, pooled: _PooledOffer
+        self, neg: Negotiation, answer: TrackerAnswer, pooled: _PooledOffer
     ) -> None:
         peer_id = neg.peer_id
         if self._factory.is_live(peer_id) or neg.offer is not None:
@@ -336,7 +336,7 @@ class TrackerStrategy(_EngineBase):
         if sdp is None:
             await self._factory.discard(pooled.handle)
             return
-        offer = _Offer(
+        offer = Offer(
             offer_id=pooled.offer_id, handle=pooled.handle, sealed=pooled.sealed, answered=True
         )
         neg.offer = offer

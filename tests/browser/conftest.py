@@ -506,7 +506,7 @@ async def py_room(request: pytest.FixtureRequest) -> AsyncIterator[PyRoomFactory
     always adds ``ice_servers=[]`` and the aioice override ``only ["127.0.0.1"]`` (test-harness §9),
     so it works inside a loopback-only namespace and on a host network alike.
     """
-    from meshnode.room.room import Room, RoomConfig  # noqa: PLC0415 - only the interop tests need it
+    from meshnode.room import Room, RoomConfig  # noqa: PLC0415 - only the interop tests need it
 
     rooms: list[Any] = []
 

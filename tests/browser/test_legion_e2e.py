@@ -39,7 +39,7 @@ from .conftest import RELAY_FIXTURES, ROOT, _failed, _unavailable
 pytestmark = [pytest.mark.browser, pytest.mark.model, pytest.mark.timeout(300)]
 
 STRATEGIES = ("mqtt", "nostr", "torrent")
-LOOPBACK = {"host_addresses_mode": "only", "host_addresses": ["127.0.0.1"], "ice_servers": []}
+LOOPBACK = {"ice_servers": []}
 MAX_TOKENS = 16
 LONG_MAX_TOKENS = 24
 JOIN_TIMEOUT_S = 45.0

@@ -13,7 +13,7 @@ from meshnode.http.requests import Limits
 from meshnode.http.server import CodecHttpApp
 from meshnode.wire.maps import Detokenizer, parse_map
 from meshnode.generation.modelinfo import ModelInfo
-from meshnode.wire.codec import StreamDecoder
+from meshnode.wire.frames import StreamDecoder
 from tests.fixtures_model import embedded_loaded, make_engine  # noqa: F401
 
 pytestmark = [pytest.mark.model, pytest.mark.integration]

@@ -17,12 +17,12 @@ from meshnode.legion.client import ask
 from meshnode.cli.config import load_settings
 from meshnode.generation.engine import SamplingParams
 from meshnode.node.node import Node, room_config
-from meshnode.room.room import Room
+from meshnode.room import Room
 from tests.fixtures_model import embedded_loaded, make_engine  # noqa: F401
 
 pytestmark = [pytest.mark.model, pytest.mark.integration]
 
-LOOPBACK = {"host_addresses_mode": "only", "host_addresses": ["127.0.0.1"], "ice_servers": []}
+LOOPBACK = {"ice_servers": []}
 QUESTION = "What is the capital of France? Answer in one short sentence."
 
 

@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from meshnode.room.room import PeerEvent, Room, RoomClosed, RoomConfig
+from meshnode.room import PeerEvent, Room, RoomClosed, RoomConfig
 from signaling.base import Backoff
 from signaling.adapters.memory import MemoryHub
 from signaling.protocol.names import gen_id
-from signaling.strategies.topic import StrategyTimers
+from signaling.strategies.engine import StrategyTimers
 
 pytestmark = pytest.mark.integration
 
@@ -64,8 +64,6 @@ class Net:
             app_id=self.app_id,
             room_id="room",
             ice_servers=[],
-            host_addresses_mode="only",
-            host_addresses=["127.0.0.1"],
             timers=TIMERS,
         )
         return replace(base, **overrides)
@@ -260,10 +258,10 @@ async def test_two_rooms_share_one_connection() -> None:
         await a2.make_action("x").send("in two")
         assert (await receive(b2.make_action("x"))).payload == "in two"
         # Room-level demultiplexing: nothing leaked into room one.
-        assert len(b1.make_action("x")._mailbox) == 0  # noqa: SLF001
-        from meshnode.room.room import _AppMesh  # noqa: PLC0415
+        assert len(b1.make_action("x").mailbox) == 0
+        from meshnode.room.mesh import AppMesh  # noqa: PLC0415
 
-        mesh = _AppMesh.get(ids[0], network.app_id)
+        mesh = AppMesh.get(ids[0], network.app_id)
         assert list(mesh.live) == [ids[1]]  # one connection for both rooms
         # Leaving room two keeps room one's peer connected.
         await a2.leave()
@@ -397,7 +395,6 @@ async def test_async_with_and_idempotent_leave() -> None:
         strategy="memory",
         app_id="py-ctx-" + gen_id(6),
         room_id="r",
-        host_addresses_mode="only",
         ice_servers=[],
     )
     async with await Room.join(config, relays=[hub.relay()]) as room:
@@ -427,7 +424,8 @@ def _ufrag(sdp: str) -> str:
 @pytest.mark.parametrize("early", [True, False])
 async def test_peerlink_trickled_answer_candidates(early: bool) -> None:
     """A browser answers before gathering and trickles candidates, possibly before the answer."""
-    from meshnode.transport.peer import PeerLink, install_host_address_override  # noqa: PLC0415
+    from meshnode.transport.ice import install_host_address_override  # noqa: PLC0415
+    from meshnode.transport.peer import PeerLink  # noqa: PLC0415
 
     install_host_address_override("only", ["127.0.0.1"])
     received: asyncio.Queue[bytes] = asyncio.Queue()
@@ -466,7 +464,7 @@ async def test_peerlink_trickled_answer_candidates(early: bool) -> None:
 def test_host_address_override_modes() -> None:
     import aioice.ice  # noqa: PLC0415
 
-    from meshnode.transport import peer  # noqa: PLC0415
+    from meshnode.transport import ice as peer  # noqa: PLC0415
 
     before = peer._installed_override  # noqa: SLF001 - process-wide state, restored below
     try:

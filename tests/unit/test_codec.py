@@ -1,4 +1,4 @@
-"""Golden-byte and behaviour tests for meshnode.wire.codec (legion-mesh §2, §3.3, §5.5)."""
+"""Golden-byte and behaviour tests for meshnode.wire (frames, envelopes, compression) (legion-mesh §2, §5.5)."""
 
 from __future__ import annotations
 
@@ -9,28 +9,22 @@ import msgpack
 import pytest
 
 from meshnode.errors import FrameError, ProtocolError
-from meshnode.wire.codec import (
+from meshnode.wire.compression import StreamCompressor, StreamDecompressor, dict_id
+from meshnode.wire.envelopes import (
     DATA,
     DATA_SLICE_BYTES,
     END,
     HELLO,
     READY,
-    CodecFrame,
     Envelope,
     EnvelopeKind,
     EnvelopeReassembler,
-    StreamCompressor,
-    StreamDecoder,
-    StreamDecompressor,
-    TokenBatcher,
     chunk_frame,
     decode_cf_payload,
     decode_envelope,
-    decode_frame,
-    dict_id,
     encode_envelope,
-    encode_frame,
 )
+from meshnode.wire.frames import CodecFrame, StreamDecoder, decode_frame, encode_frame
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 
@@ -619,54 +613,3 @@ def test_garbage_is_refused() -> None:
         decompressor.decompress(b"this is not zstd at all")
     with pytest.raises(FrameError):
         decompressor.decompress(b"")
-
-
-# -------------------------------------------------------------------------------------------------
-# TokenBatcher (legion-mesh §3.3)
-# -------------------------------------------------------------------------------------------------
-
-
-def test_batcher_fires_on_count() -> None:
-    batcher = TokenBatcher(max_ids=3, max_delay_seconds=10.0)
-    batcher.push([1, 2], now=0.0)
-    assert batcher.poll(0.0) is None
-    batcher.push([3, 4, 5, 6, 7], now=0.1)
-    assert batcher.poll(0.1) == [1, 2, 3]
-    assert batcher.poll(0.1) == [4, 5, 6]
-    assert batcher.poll(0.1) is None
-    assert batcher.pending == 1
-
-
-def test_batcher_fires_on_delay_of_the_oldest_id() -> None:
-    batcher = TokenBatcher(max_ids=8, max_delay_seconds=0.05)
-    assert batcher.deadline is None
-    batcher.push([1], now=1.0)
-    batcher.push([2], now=1.04)
-    assert batcher.deadline == pytest.approx(1.05)
-    assert batcher.poll(1.049) is None
-    assert batcher.poll(1.05) == [1, 2]
-    assert batcher.deadline is None
-
-
-def test_batcher_leftover_keeps_its_own_age() -> None:
-    batcher = TokenBatcher(max_ids=2, max_delay_seconds=1.0)
-    batcher.push([1, 2], now=0.0)
-    batcher.push([3], now=0.5)
-    assert batcher.deadline == 0.0  # full batch due now
-    assert batcher.poll(0.6) == [1, 2]
-    assert batcher.deadline == pytest.approx(1.5)
-    assert batcher.poll(1.4) is None
-    assert batcher.poll(1.5) == [3]
-
-
-def test_batcher_flush_and_bounds() -> None:
-    batcher = TokenBatcher(max_ids=4, max_delay_seconds=1.0, max_pending_ids=5)
-    batcher.push([1, 2, 3], now=0.0)
-    assert batcher.flush() == [1, 2, 3]
-    assert batcher.flush() == []
-    with pytest.raises(FrameError):
-        batcher.push([1] * 6, now=0.0)
-    with pytest.raises(FrameError):
-        batcher.push([2**32], now=0.0)
-    with pytest.raises(ValueError):
-        TokenBatcher(max_ids=0)

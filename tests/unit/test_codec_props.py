@@ -1,4 +1,4 @@
-"""Property tests for meshnode.wire.codec: round trips, arbitrary read splits, fuzzed garbage.
+"""Property tests for meshnode.wire (frames, envelopes, compression): round trips, arbitrary read splits, fuzzed garbage.
 
 Style §13.1: a streaming decoder must give identical frames for every split of the same bytes
 (legion-mesh §6 item 3), and malformed input may only ever raise FrameError.
@@ -11,23 +11,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshnode.errors import FrameError
-from meshnode.wire.codec import (
-    MAX_UINT32,
-    CodecFrame,
+from meshnode.wire.compression import StreamCompressor, StreamDecompressor
+from meshnode.wire.envelopes import (
     Envelope,
     EnvelopeKind,
     EnvelopeReassembler,
-    StreamCompressor,
-    StreamDecoder,
-    StreamDecompressor,
-    TokenBatcher,
     chunk_frame,
     decode_cf_payload,
     decode_envelope,
-    decode_frame,
     encode_envelope,
-    encode_frame,
 )
+from meshnode.wire.frames import MAX_UINT32, CodecFrame, StreamDecoder, decode_frame, encode_frame
 
 # Moderate example counts: the test machine is shared (no long CPU loops).
 PROPS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -190,29 +184,3 @@ def test_zstd_garbage_raises_only_frame_error(chunks: list[bytes]) -> None:
             decompressor.decompress(chunk)
         except FrameError:
             return
-
-
-@PROPS
-@given(
-    st.integers(1, 8),
-    st.lists(st.tuples(st.lists(token_ids, max_size=5), st.floats(0, 0.2)), max_size=30),
-)
-def test_batcher_preserves_ids_and_bounds_batches(
-    max_ids: int, pushes: list[tuple[list[int], float]]
-) -> None:
-    batcher = TokenBatcher(max_ids=max_ids, max_delay_seconds=0.05)
-    now = 0.0
-    pushed: list[int] = []
-    polled: list[int] = []
-    for ids, step in pushes:
-        now += step
-        batcher.push(ids, now)
-        pushed += ids
-        while (batch := batcher.poll(now)) is not None:
-            assert 1 <= len(batch) <= max_ids
-            polled += batch
-        # Nothing due is left behind: whatever remains is young and fewer than max_ids.
-        assert batcher.pending < max_ids
-        deadline = batcher.deadline
-        assert deadline is None or deadline > now
-    assert polled + batcher.flush() == pushed

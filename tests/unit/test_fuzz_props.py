@@ -21,7 +21,8 @@ from fuzz.targets import TARGETS
 from meshnode.errors import FrameError
 from meshnode.wire import legion
 from meshnode.wire import roomframes as rf
-from meshnode.wire.codec import CodecFrame, Envelope, encode_envelope, encode_frame
+from meshnode.wire.envelopes import Envelope, encode_envelope
+from meshnode.wire.frames import CodecFrame, encode_frame
 from signaling.protocol import messages
 from signaling.protocol.sealing import Sealer
 

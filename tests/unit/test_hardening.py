@@ -15,10 +15,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from meshnode.generation.engine import SamplingParams, TorchEngine
 from meshnode.errors import AdmissionError
-from meshnode.room.room import _Bucket, _InboundLimits, _Mailbox
+from meshnode.room.inbound import InboundLimits, TokenBucket
+from meshnode.room.mailbox import Mailbox
 from meshnode.legion.service import MAX_INFLIGHT_SENDS_PER_PEER, LegionService
 from meshnode.wire import legion
-from meshnode.wire.codec import decode_cf_payload
+from meshnode.wire.envelopes import decode_cf_payload
 from tests.fakes import FAIL_MARKER, TimedEngine, expected_ids
 from tests.unit.test_services import FakeRoom, Msg, call, config
 
@@ -125,7 +126,7 @@ async def test_forged_from_is_ignored_and_foreign_end_cancels_nothing() -> None:
             room.actions["tc"].inbox.put_nowait(Msg(A, call("tc-a", "engine_run", {"user": "x"})))
             while (A, "tc-a") not in service.calls:
                 await asyncio.sleep(0)
-            from meshnode.wire.codec import END, Envelope, encode_envelope
+            from meshnode.wire.envelopes import END, Envelope, encode_envelope
 
             end = Envelope(kind=END, stream_id="tc-a", seq=3, body={"codec_version": 1, "finish_reason": "cancel"})
             room.actions["cf"].inbox.put_nowait(Msg(B, encode_envelope(end)))  # B does not own tc-a
@@ -173,7 +174,7 @@ def test_unhashable_values_are_guard_errors_not_crashes() -> None:
 
 
 async def test_mailbox_bounds_each_sender_separately() -> None:
-    box: _Mailbox[str] = _Mailbox(100, "test", per_key_messages=3, per_key_bytes=250)
+    box: Mailbox[str] = Mailbox(100, "test", per_key_messages=3, per_key_bytes=250)
     assert [box.put(f"a{i}", key="a", size=10) for i in range(5)] == [True, True, True, False, False]
     assert box.put("b0", key="b", size=200) and not box.put("b1", key="b", size=100)
     assert box.queued_by("a") == 3 and await box.get() == "a0" and box.queued_by("a") == 2
@@ -181,7 +182,7 @@ async def test_mailbox_bounds_each_sender_separately() -> None:
 
 
 def test_inbound_bucket_refills_with_time() -> None:
-    limits = _InboundLimits(bytes=_Bucket(rate=100, burst=200, now=0.0), frames=_Bucket(rate=10, burst=2, now=0.0))
+    limits = InboundLimits(bytes=TokenBucket(rate=100, burst=200, now=0.0), frames=TokenBucket(rate=10, burst=2, now=0.0))
     assert limits.admit(150, 0.0) is None
     assert limits.admit(10, 0.0) is None
     assert "messages/s" in (limits.admit(10, 0.0) or "")
@@ -218,7 +219,7 @@ async def test_engine_batch_token_budget_refuses_instead_of_overcommitting(tiny_
 
 async def test_refused_call_forgets_its_envelope_hello() -> None:
     """A HELLO whose call is refused must not linger: 16 of them would block the peer's streams."""
-    from meshnode.wire.codec import HELLO, Envelope, encode_envelope
+    from meshnode.wire.envelopes import HELLO, Envelope, encode_envelope
 
     room, service, task = await serve(TimedEngine(), calls_per_minute=1)
     try:
@@ -237,7 +238,7 @@ async def test_refused_call_forgets_its_envelope_hello() -> None:
 
 
 async def test_event_history_keeps_the_newest_quietly(caplog: pytest.LogCaptureFixture) -> None:
-    box: _Mailbox[int] = _Mailbox(3, "peer events", drop_oldest=True)
+    box: Mailbox[int] = Mailbox(3, "peer events", drop_oldest=True)
     for i in range(250):
         assert box.put(i)
     assert [await box.get() for _ in range(3)] == [247, 248, 249]
@@ -249,7 +250,7 @@ async def test_aiortc_teardown_errors_are_not_reported_as_unhandled() -> None:
     that is swallowed, a real bug still reaches the previous handler."""
     import aioice
 
-    from meshnode.transport.peer import quiet_connect_teardown
+    from meshnode.transport.ice import quiet_connect_teardown
 
     loop = asyncio.get_running_loop()
     reported: list[dict[str, Any]] = []

@@ -16,7 +16,9 @@ from meshnode.link.pacer import (
     decode_mux_body,
     predict,
 )
-from meshnode.wire.codec import DATA, StreamDecoder, StreamDecompressor, decode_cf_payload
+from meshnode.wire.compression import StreamDecompressor
+from meshnode.wire.envelopes import DATA, decode_cf_payload
+from meshnode.wire.frames import StreamDecoder
 
 HELLO_MUX = {"codec_version": 1, "accept_compression": ["zstd", "identity"], "accept_mux": 1, "result_text": False}
 

@@ -10,18 +10,9 @@ import pytest
 
 from meshnode.legion.service import LegionService, ServiceConfig, elect_ai_responder
 from meshnode.wire import legion
-from meshnode.wire.codec import (
-    DATA,
-    END,
-    HELLO,
-    READY,
-    CodecFrame,
-    Envelope,
-    StreamDecompressor,
-    decode_cf_payload,
-    decode_frame,
-    encode_envelope,
-)
+from meshnode.wire.compression import StreamDecompressor
+from meshnode.wire.envelopes import DATA, END, HELLO, READY, Envelope, decode_cf_payload, encode_envelope
+from meshnode.wire.frames import CodecFrame, decode_frame
 
 
 @dataclass

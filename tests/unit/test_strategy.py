@@ -15,7 +15,8 @@ from signaling.protocol import messages, names
 from signaling.adapters.memory import MemoryHub, MemoryRelay
 from signaling.protocol.messages import Candidate
 from signaling.protocol.sealing import Sealer
-from signaling.strategies.topic import StrategyTimers, TopicStrategy
+from signaling.strategies.engine import StrategyTimers
+from signaling.strategies.topic import TopicStrategy
 from signaling.strategies.tracker import TrackerStrategy
 
 APP, ROOM = "test-app", "strategy-room"
@@ -381,7 +382,7 @@ async def test_wrong_password_offer_is_dropped_with_warning(
     await remote.start()
     await strategy.start()
     await remote.heard(strategy.self_id)
-    caplog.set_level(logging.WARNING, logger="signaling.strategies.topic")
+    caplog.set_level(logging.WARNING, logger="signaling.strategies")
     text = messages.build_offer(SMALL, "OFFERID12345", remote.sealer.seal("v=0 offer"))
     await remote.publish_to(LARGE, text)
     await remote.publish_to(LARGE, messages.build_announce(SMALL))  # a marker after the offer
