@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from meshnode.generation.engine import SamplingParams, TorchEngine  # noqa: E402
+from meshnode.generation.api import SamplingParams  # noqa: E402
+from meshnode.generation.torch_backend import TorchEngine  # noqa: E402
 from meshnode.generation.models import LoadedModel, cpu_has_native_bf16, resolve_model  # noqa: E402
 
 QUESTIONS = [

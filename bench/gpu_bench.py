@@ -253,8 +253,8 @@ def _summarise(raw: dict[str, Any], concurrency: int, mode: str) -> dict[str, An
 async def bench_ours(model: Any, name: str, counts: list[int], modes: list[str], args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from meshnode.generation.cuda.engine import CudaEngine
-    from meshnode.generation.engine import SamplingParams
+    from meshnode.generation.cuda.backend import CudaEngine
+    from meshnode.generation.api import SamplingParams
 
     vocab = MODELS[name]["vocab_size"]
     _cuda().reset_peak_memory_stats()

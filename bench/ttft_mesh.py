@@ -45,7 +45,8 @@ if str(ROOT) not in sys.path:
 
 from meshnode.legion.client import ToolClient, find_server, new_call_id  # noqa: E402
 from meshnode.cli.config import load_settings  # noqa: E402
-from meshnode.generation.engine import SamplingParams, TorchEngine  # noqa: E402
+from meshnode.generation.api import SamplingParams  # noqa: E402
+from meshnode.generation.torch_backend import TorchEngine  # noqa: E402
 from meshnode.generation.models import resolve_model  # noqa: E402
 from meshnode.node.node import Node, room_config  # noqa: E402
 from meshnode.room import Room  # noqa: E402
@@ -87,7 +88,7 @@ class MeshPath:
         self.strategy = strategy
         self.settings, _ = load_settings(None, env={}, flags={
             ("room", "strategy"): strategy, ("room", "relays"): [url], ("room", "room"): f"ttft-{strategy}",
-            ("room", "app_id"): f"meshnode-bench-{os.getpid()}", ("webrtc", "ice_servers"): []})
+            ("room", "app_id"): f"meshnode-bench-{os.getpid()}", ("webrtc", "ice_servers"): [], ("webrtc", "host_addresses"): ["127.0.0.1"]})
         self.node = Node(self.settings, engine, room_overrides=LOOPBACK)
         self.stop = asyncio.Event()
         self.serving: asyncio.Task[None] | None = None

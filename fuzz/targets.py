@@ -261,7 +261,8 @@ class _Pipeline:
         from meshnode.room.handshake import Binding
         from meshnode.room.mesh import AppMesh
         from meshnode.legion.service import LegionService, ServiceConfig
-        from tests.fakes import TimedEngine
+        from meshnode.generation.api import CodecMapInfo
+        from tests.fakes import TimedEngine, fake_backend
 
         self.loop = asyncio.new_event_loop()
         self.peer = "p" * 20
@@ -287,7 +288,8 @@ class _Pipeline:
             link = FakeLink()
             mesh.live[self.peer] = link  # type: ignore[assignment]
             room._bindings[self.peer] = Binding(peer_id=self.peer, link=link, joined=True)  # type: ignore[arg-type]  # noqa: SLF001
-            service = LegionService(room, TimedEngine(rate=1e6, tokens=3), map_id="m", map_hash="sha256:0",
+            service = LegionService(room, fake_backend(TimedEngine(rate=1e6, tokens=3)),
+                                    codec_map=CodecMapInfo(map_id="m", map_hash="sha256:0", data=b"{}"),
                                     config=ServiceConfig(nick="n", model_id="m", skills=[], authoritative=[],
                                                          system_prompt="", calls_per_minute=1_000_000,
                                                          max_strikes_per_minute=1_000_000))
@@ -297,7 +299,7 @@ class _Pipeline:
         self.room = next(iter(self.mesh.rooms.values()))
         self.link = self.mesh.live[self.peer]
         self.handlers = {"cap": self.service._on_cap, "tc": self.service._on_tool,  # noqa: SLF001
-                         "cm": self.service._on_chat, "cf": self.service._on_frame}  # noqa: SLF001
+                         "cm": self.service.chat.on_message, "cf": self.service._on_frame}  # noqa: SLF001
 
     async def feed(self, data: bytes) -> None:
         token = self.room.token
@@ -317,7 +319,7 @@ class _Pipeline:
         for call in list(self.service.calls.values()):
             if call.task is not None:
                 call.task.cancel()
-        self.service.budgets.clear()
+        self.service.budgets = type(self.service.budgets)(self.service.budgets.limits, self.service.clock)
 
 
 _PIPELINE: list[_Pipeline] = []

@@ -67,10 +67,12 @@ class RoomSettings:
 class WebRTCSettings:
     ice_servers: list[str] = field(default_factory=lambda: list(DEFAULT_ICE_SERVERS))
     """STUN/TURN URLs (turn:user:pass@host:port for credentials); [] for loopback tests."""
-    host_addresses_mode: str = "auto"
-    """auto (aioice default) | append | only: which host addresses ICE gathers (see host_addresses)."""
-    host_addresses: list[str] = field(default_factory=lambda: ["127.0.0.1"])
-    """Addresses added (append) or used alone (only); aioice drops loopback by itself."""
+    host_addresses_mode: str = ""
+    """auto (aioice's own addresses) | append (those plus host_addresses) | only (host_addresses
+    alone); unset = append when host_addresses are given, else auto."""
+    host_addresses: list[str] = field(default_factory=list)
+    """Addresses ICE gathers host candidates on besides (append) or instead of (only) aioice's own,
+    e.g. 127.0.0.1 on a loopback-only host (aioice never offers loopback by itself)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,6 +95,10 @@ class LegionSettings:
     """Most token ids coalesced into one cf frame."""
     frame_max_delay_ms: int = 50
     """Longest a generated id waits to be coalesced before its frame is sent."""
+    call_deadline_seconds: float = 20.0
+    """A call that could not finish within this (estimated from the measured speed and the work
+    in flight) is refused at once, and one still running at it ends with finish_reason "length":
+    the Legion core gives up on a tool call after 30 s, its chat app after 20 s (0 = off)."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -43,6 +43,8 @@ class Chunk:
 class TimedStream:
     """One generation: ids due at ``start + k / rate`` (k = 0, 1, …), then a final chunk."""
 
+    prompt_tokens = 0
+
     def __init__(self, engine: TimedEngine, count: int, first_id: int, fail_after: int | None, reserve: int) -> None:
         self.engine = engine
         self.count = count
@@ -151,6 +153,13 @@ class TimedEngine:
 def expected_ids(count: int) -> list[int]:
     """The ids a TimedEngine stream of `count` tokens carries."""
     return list(range(1000, 1000 + count))
+
+
+def fake_backend(engine: Any) -> Any:
+    """A fake engine served like a real one: it is its own text codec, with a stub map."""
+    from meshnode.generation.local import LocalBackend
+
+    return LocalBackend(engine, engine, stub_model_info(engine))
 
 
 def stub_model_info(engine: Any) -> ModelInfo:

@@ -15,6 +15,16 @@ def embedded_loaded() -> Any:
 
 
 def make_engine(loaded: Any, **limits: Any) -> Any:
-    from meshnode.generation.engine import TorchEngine
+    from meshnode.generation.torch_backend import TorchEngine
 
     return TorchEngine.from_loaded(loaded, **limits)
+
+
+def make_backend(loaded: Any, **limits: Any) -> Any:
+    """The embedded model served the way ``meshnode join`` serves it (engine, tokenizer, map)."""
+    from meshnode.generation.local import LocalBackend
+    from meshnode.generation.modelinfo import ModelInfo
+    from meshnode.generation.text import HFText
+
+    return LocalBackend(make_engine(loaded, **limits), HFText(loaded.tokenizer, loaded.model_id),
+                        ModelInfo(model_id=loaded.model_id, tokenizer=loaded.tokenizer))

@@ -17,14 +17,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshnode.cli.config import load_settings
-from meshnode.node.node import Node, room_config
+from meshnode.generation.api import Backend
+from meshnode.node.assembly import room_config
+from meshnode.node.node import Node
 from meshnode.room import Room
 from meshnode.settings import Settings
 from meshnode.wire import legion
 from meshnode.wire.envelopes import DATA, END, HELLO, READY, Envelope, decode_cf_payload, encode_envelope
 from meshnode.wire.frames import CodecFrame, decode_frame
 from signaling.strategies.engine import StrategyTimers
-from tests.fakes import stub_model_info
+from tests.fakes import fake_backend
 
 LOOPBACK: dict[str, Any] = {
     "ice_servers": [],
@@ -38,7 +40,7 @@ def node_settings(app_id: str, *, strategy: str = "memory", relays: Sequence[str
     """Settings for a test room; `flags` maps "section.key" to a value."""
     values: dict[tuple[str, str], Any] = {
         ("room", "strategy"): strategy, ("room", "relays"): list(relays), ("room", "room"): "hardening",
-        ("room", "app_id"): app_id, ("webrtc", "ice_servers"): [],
+        ("room", "app_id"): app_id, ("webrtc", "ice_servers"): [], ("webrtc", "host_addresses"): ["127.0.0.1"],
     }
     for dotted, value in flags.items():
         section, key = dotted.split(".", 1)
@@ -68,10 +70,9 @@ async def start_node(settings: Settings, engine: Any, *, relays: Sequence[Any] |
                      drain_seconds: float = 5.0, overrides: dict[str, Any] | None = None,
                      stop: asyncio.Event | None = None) -> RunningNode:
     """Start `Node.run` in a task and wait until it serves (fake engines get a stub map)."""
-    node = Node(settings, engine, relays=list(relays) if relays is not None else None,
+    backend = engine if isinstance(engine, Backend) else fake_backend(engine)
+    node = Node(settings, backend, relays=list(relays) if relays is not None else None,
                 room_overrides={**LOOPBACK, **(overrides or {})})
-    if getattr(engine, "tokenizer", None) is None:
-        node.info = stub_model_info(engine)
     stop = stop or asyncio.Event()
     task = asyncio.create_task(node.run(stop, drain_seconds=drain_seconds), name="test.node")
     async with asyncio.timeout(JOIN_TIMEOUT):

@@ -3,7 +3,7 @@
     python -m tests.nodeproc --relay ws://127.0.0.1:PORT --app APP --drain 5 --rate 20 --tokens 100
 
 Runs a real Node over ws-relay with the scripted TimedEngine (no model to load), installs the same
-stop-signal handlers as the CLI (meshnode.cli.commands.install_stop_signals), prints ``READY <peer id>``
+stop-signal handlers as the CLI (meshnode.cli.signals.stop_on_signals), prints ``READY <peer id>``
 once serving and ``STOPPED cancelled=<n> completed=<n>`` after a graceful stop, then exits 0.
 """
 
@@ -14,7 +14,7 @@ import asyncio
 import logging
 import sys
 
-from meshnode.cli.commands import install_stop_signals, remove_stop_signals
+from meshnode.cli.signals import stop_on_signals
 from signaling.base import Backoff
 from signaling.adapters.wsrelay import WsRelay
 from tests.fakes import TimedEngine
@@ -25,8 +25,7 @@ async def main(args: argparse.Namespace) -> int:
     settings = node_settings(args.app, strategy="ws-relay", relays=[args.relay])
     engine = TimedEngine(rate=args.rate, tokens=args.tokens)
     stop = asyncio.Event()
-    installed = install_stop_signals(stop)
-    try:
+    with stop_on_signals(stop):
         relay = WsRelay(args.relay, backoff=Backoff(base_seconds=0.2, cap_seconds=1.0))
         running = await start_node(settings, engine, relays=[relay], drain_seconds=args.drain, stop=stop)
         print(f"READY {running.peer_id}", flush=True)
@@ -34,8 +33,6 @@ async def main(args: argparse.Namespace) -> int:
         service = running.node.service
         assert service is not None
         print(f"STOPPED cancelled={service.cancelled_calls} completed={service.completed_calls}", flush=True)
-    finally:
-        remove_stop_signals(installed)
     return 0
 
 

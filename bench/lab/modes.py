@@ -21,16 +21,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from meshnode.link.pacer import (
-    MUX_FIELD,
-    RESULT_TEXT_FIELD,
-    ActionLike,
-    Pacer,
-    PacingConfig,
-    StreamPolicy,
-    StreamSink,
-)
-from meshnode.legion.service import FrameSender
+from meshnode.link.costs import PacingConfig
+from meshnode.link.pacer import MUX_FIELD, RESULT_TEXT_FIELD, Pacer
+from meshnode.link.policy import ActionLike, StreamPolicy, StreamSink
+from meshnode.legion.streaming import FrameSender
 
 SSE_ACTION = "sse"
 

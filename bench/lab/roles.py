@@ -156,7 +156,7 @@ async def run_node(args: argparse.Namespace) -> None:
     completion = Completion.load(Path(args.completion))
     real_engine: Any = None
     if args.engine == "real":
-        from meshnode.generation.engine import TorchEngine
+        from meshnode.generation.torch_backend import TorchEngine
         from meshnode.generation.models import resolve_model
 
         loaded = await asyncio.to_thread(resolve_model, None, device="cpu", progress=False)

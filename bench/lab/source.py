@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from meshnode.errors import AdmissionError
 
 if TYPE_CHECKING:  # meshnode.generation.engine imports torch: requesters never need it
-    from meshnode.generation.engine import SamplingParams, TokenStream
+    from meshnode.generation.api import SamplingParams, TokenStream
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,8 @@ async def record_completion(path: Path = DEFAULT_COMPLETION_PATH, *, max_tokens:
     output; ``min_tokens`` is not available, so the prompt asks for a long answer and the result
     is recorded whatever its length (the JSON says how many ids it has).
     """
-    from meshnode.generation.engine import SamplingParams, TorchEngine
+    from meshnode.generation.api import SamplingParams
+    from meshnode.generation.torch_backend import TorchEngine
     from meshnode.generation.models import resolve_model
 
     loaded = await asyncio.to_thread(resolve_model, None, device="cpu", progress=False)
@@ -144,7 +145,7 @@ class ReplayEngine:
         return {"active": len(self._streams), "queued": 0, "max_concurrent": self.max_concurrent, "max_queue": 0}
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> TokenStream:
-        from meshnode.generation.engine import SamplingParams, TokenStream
+        from meshnode.generation.api import SamplingParams, TokenStream
 
         if len(self._streams) >= self.max_concurrent:
             raise AdmissionError(f"busy: {len(self._streams)} replay streams running")

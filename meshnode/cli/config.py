@@ -165,8 +165,15 @@ def _validate(settings: Settings, sources: dict[Key, str]) -> None:
     def bad(key: Key, why: str) -> ConfigError:
         return ConfigError(f"{key[0]}.{key[1]} (from {sources[key]}): {why}")
 
-    if settings.webrtc.host_addresses_mode not in {"auto", "append", "only"}:
+    webrtc = settings.webrtc
+    if webrtc.host_addresses_mode not in {"", "auto", "append", "only"}:
         raise bad(("webrtc", "host_addresses_mode"), "must be auto, append or only")
+    if webrtc.host_addresses_mode == "auto" and webrtc.host_addresses:
+        raise bad(("webrtc", "host_addresses_mode"), f"'auto' ignores webrtc.host_addresses "
+                  f"{webrtc.host_addresses} (from {sources[('webrtc', 'host_addresses')]}): use 'append' "
+                  "(aioice's addresses plus these) or 'only' (these alone), or leave the mode unset")
+    if webrtc.host_addresses_mode == "only" and not webrtc.host_addresses:
+        raise bad(("webrtc", "host_addresses_mode"), "'only' needs webrtc.host_addresses (--ice-host-address)")
     for key in [
         ("engine", "max_prompt_tokens"),
         ("engine", "max_tokens"),

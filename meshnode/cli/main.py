@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from meshnode import __version__
-from meshnode.errors import MeshError
+from meshnode.cli.benchlab import lab_module
+from meshnode.errors import ConfigError, MeshError
 
 logger = logging.getLogger("meshnode.cli.main")
 
@@ -135,9 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(coturn) on a byte-capped link between network namespaces, and find the "
                                        "largest N per wire mode that meets the service level. Needs root, coturn, "
                                        "nftables and iproute2.")
-    from bench.lab.command import add_arguments as add_bench_arguments
-
-    add_bench_arguments(bench)
+    try:
+        lab_module("command").add_arguments(bench)
+    except ConfigError as exc:
+        bench.description = f"{bench.description} ({exc})"
     _common(bench)
 
     demo = sub.add_parser("demo", help="the whole system on this machine: relay, node and chat page",
@@ -185,9 +187,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{key:<{width}}  {value}  ({source})")
         return 0
     if args.command == "bench":
-        from bench.lab.command import run as run_bench
-
-        return run_bench(args, list(argv) if argv is not None else sys.argv[2:])
+        try:
+            lab = lab_module("command")
+        except ConfigError as exc:
+            print(f"meshnode: {exc}", file=sys.stderr)
+            return 2
+        return int(lab.run(args, list(argv) if argv is not None else sys.argv[2:]))
     from meshnode.cli import commands
 
     try:

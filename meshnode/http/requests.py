@@ -1,17 +1,18 @@
-"""Turning OpenAI-shaped / engine_run requests into engine calls, shared by HTTP and the mesh.
+"""Turning OpenAI-shaped request bodies into a prompt and sampling parameters.
 
-`parse_request` validates a JSON body and returns the prompt ids and sampling parameters, raising
-`RequestError` that names the offending field. `IncrementalText` turns a growing list of token ids
-into text deltas without splitting multi-byte characters.
+`parse_request` validates a JSON body and returns the prompt (messages, text or token ids; the
+backend tokenizes it off the event loop and enforces the token limits) and the sampling settings,
+raising `RequestError` that names the offending field.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from meshnode.errors import MeshError
+from meshnode.generation.api import Prompt
 
 
 class RequestError(MeshError):
@@ -22,17 +23,8 @@ class RequestError(MeshError):
         self.field = field
 
 
-class TokenizingEngine(Protocol):
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]: ...
-
-    def encode_text(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: list[int]) -> str: ...
-
-
 @dataclass(frozen=True, kw_only=True)
 class Limits:
-    max_prompt_tokens: int = 4096
     max_tokens: int = 1024
     default_max_tokens: int = 256
     max_body_chars: int = 1_000_000
@@ -99,7 +91,7 @@ def parse_messages(value: Any, limits: Limits, field: str = "messages") -> list[
 
 @dataclass(frozen=True, kw_only=True)
 class ParsedRequest:
-    prompt_ids: list[int]
+    prompt: Prompt
     max_tokens: int
     temperature: float
     top_p: float
@@ -110,35 +102,22 @@ class ParsedRequest:
     stream_format: str
 
 
-def parse_request(
-    body: Any, engine: TokenizingEngine, limits: Limits, *, chat: bool, vocab_size: int
-) -> ParsedRequest:
+def parse_request(body: Any, limits: Limits, *, chat: bool) -> ParsedRequest:
     """Validate an OpenAI-shaped completion (chat=False) or chat completion (chat=True) body."""
     if not isinstance(body, dict):
         raise RequestError("request body must be a JSON object")
     if chat:
-        prompt_ids = engine.encode_chat(parse_messages(body.get("messages"), limits))
+        prompt = Prompt.chat(parse_messages(body.get("messages"), limits))
     else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, str):
-            if len(prompt) > limits.max_body_chars:
+        given = body.get("prompt")
+        if isinstance(given, str) and given:
+            if len(given) > limits.max_body_chars:
                 raise RequestError("prompt is too long", field="prompt")
-            prompt_ids = engine.encode_text(prompt)
-        elif isinstance(prompt, list) and prompt and all(
-            isinstance(i, int) and not isinstance(i, bool) for i in prompt
-        ):
-            if any(not 0 <= i < vocab_size for i in prompt):
-                raise RequestError(f"prompt token ids must be in [0, {vocab_size})", field="prompt")
-            prompt_ids = list(prompt)
+            prompt = Prompt(text=given)
+        elif isinstance(given, list) and given and all(isinstance(i, int) and not isinstance(i, bool) for i in given):
+            prompt = Prompt(ids=tuple(given))
         else:
-            raise RequestError("prompt must be a string or a non-empty list of token ids", field="prompt")
-    if not prompt_ids:
-        raise RequestError("prompt is empty", field="messages" if chat else "prompt")
-    if len(prompt_ids) > limits.max_prompt_tokens:
-        raise RequestError(
-            f"prompt has {len(prompt_ids)} tokens; the limit is {limits.max_prompt_tokens}",
-            field="messages" if chat else "prompt",
-        )
+            raise RequestError("prompt must be a non-empty string or a non-empty list of token ids", field="prompt")
     stream_format = body.get("stream_format", "json")
     if stream_format not in {"json", "msgpack"}:
         raise RequestError("stream_format must be 'json' or 'msgpack'", field="stream_format")
@@ -153,7 +132,7 @@ def parse_request(
         max_tokens = _integer(body, "max_completion_tokens", 1, limits.max_tokens, None)
     seed = _integer(body, "seed", 0, 2**63 - 1, None)
     return ParsedRequest(
-        prompt_ids=prompt_ids,
+        prompt=prompt,
         max_tokens=int(max_tokens or min(limits.default_max_tokens, limits.max_tokens)),
         temperature=_number(body, "temperature", 0.0, 2.0, 1.0),
         top_p=_number(body, "top_p", 0.0, 1.0, 1.0),
@@ -163,24 +142,3 @@ def parse_request(
         stream=stream or stream_format != "json",
         stream_format=stream_format,
     )
-
-
-class IncrementalText:
-    """Decode a growing id list into text deltas; never emits half of a multi-byte character."""
-
-    def __init__(self, engine: TokenizingEngine) -> None:
-        self._engine = engine
-        self._ids: list[int] = []
-        self._emitted = 0
-        self.text = ""
-
-    def push(self, ids: list[int], *, final: bool = False) -> str:
-        self._ids.extend(ids)
-        text = self._engine.decode(self._ids)
-        # A trailing U+FFFD means an incomplete UTF-8 sequence: wait for the next ids.
-        if not final and text.endswith("\ufffd"):
-            return ""
-        delta = text[self._emitted :]
-        self._emitted = len(text)
-        self.text = text
-        return delta

@@ -18,10 +18,12 @@ from typing import Any
 
 from aiohttp import web
 
-from meshnode.http.requests import IncrementalText, Limits, ParsedRequest, RequestError, parse_request
 from meshnode.errors import AdmissionError
+from meshnode.generation.api import Backend, SamplingParams, TokenStream
+from meshnode.generation.modelinfo import map_index
+from meshnode.generation.text import IncrementalText
 from meshnode.http.metrics import Metrics
-from meshnode.generation.modelinfo import ModelInfo, map_index
+from meshnode.http.requests import Limits, ParsedRequest, RequestError, parse_request
 from meshnode.wire.frames import CodecFrame, encode_frame
 
 logger = logging.getLogger(__name__)
@@ -48,11 +50,10 @@ def _error(status: int, message: str, field: str | None = None, kind: str = "inv
 
 
 class CodecHttpApp:
-    """Builds the aiohttp application around an engine and its model information."""
+    """Builds the aiohttp application around a backend."""
 
-    def __init__(self, engine: Any, info: ModelInfo, limits: Limits, metrics: Metrics | None = None) -> None:
-        self.engine = engine
-        self.info = info
+    def __init__(self, backend: Backend, limits: Limits, metrics: Metrics | None = None) -> None:
+        self.backend = backend
         self.limits = limits
         self.metrics = metrics or Metrics()
 
@@ -69,24 +70,23 @@ class CodecHttpApp:
     # --- discovery -------------------------------------------------------------------------
 
     async def models(self, request: web.Request) -> web.Response:
-        data = [{"id": self.info.model_id, "object": "model", "owned_by": "meshnode", "created": 0}]
+        data = [{"id": self.backend.model_id, "object": "model", "owned_by": "meshnode", "created": 0}]
         return web.json_response({"object": "list", "data": data}, headers=CORS)
 
     async def map_index(self, request: web.Request) -> web.Response:
-        body = map_index(self.info.map_id, self.info.map_hash)
+        codec_map = await self.backend.codec_map()
+        body = map_index(codec_map.map_id, codec_map.map_hash)
         return web.json_response(body, headers={**CORS, "Cache-Control": "max-age=300"})
 
     async def map_document(self, request: web.Request) -> web.Response:
-        if request.match_info["map_id"] != self.info.map_id:
-            return _error(404, f"no map {request.match_info['map_id']!r}; this node serves {self.info.map_id!r}")
-        return web.Response(
-            body=self.info.map_bytes,
-            content_type="application/json",
-            headers={**CORS, "Cache-Control": "max-age=300", "Codec-Tokenizer-Map": self.info.map_hash},
-        )
+        codec_map = await self.backend.codec_map()
+        if request.match_info["map_id"] != codec_map.map_id:
+            return _error(404, f"no map {request.match_info['map_id']!r}; this node serves {codec_map.map_id!r}")
+        return web.Response(body=codec_map.data, content_type="application/json",
+                            headers={**CORS, "Cache-Control": "max-age=300", "Codec-Tokenizer-Map": codec_map.map_hash})
 
     async def metrics_text(self, request: web.Request) -> web.Response:
-        load = self.engine.load_info()
+        load = self.backend.load_info()
         text = self.metrics.render(queue_depth=load.get("queued", 0), active=load.get("active", 0))
         return web.Response(text=text, content_type="text/plain", charset="utf-8",
                             headers={"X-Content-Type-Options": "nosniff"})
@@ -107,8 +107,8 @@ class CodecHttpApp:
                 body = await request.json()
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise RequestError("request body must be valid JSON") from None
-            parsed = parse_request(body, self.engine, self.limits, chat=chat, vocab_size=self.info.vocab_size)
-            stream = self.engine.generate(parsed.prompt_ids, self._sampling(parsed))
+            parsed = parse_request(body, self.limits, chat=chat)
+            stream = await self.backend.start(parsed.prompt, self._sampling(parsed))
         except RequestError as exc:
             self.metrics.request(endpoint, "400")
             return _error(400, str(exc), exc.field)
@@ -119,7 +119,8 @@ class CodecHttpApp:
                           kind="rate_limit_error" if busy else "invalid_request_error")
 
         started = time.monotonic()
-        extra_headers = {"Codec-Tokenizer-Map": self.info.map_hash} if version >= (0, 4) else {}
+        codec_map = await self.backend.codec_map()
+        extra_headers = {"Codec-Tokenizer-Map": codec_map.map_hash} if version >= (0, 4) else {}
         try:
             if parsed.stream_format == "msgpack":
                 return await self._stream_msgpack(request, stream, parsed, extra_headers, started)
@@ -130,9 +131,7 @@ class CodecHttpApp:
             stream.cancel()
             self.metrics.request(endpoint, "200")
 
-    def _sampling(self, parsed: ParsedRequest) -> Any:
-        from meshnode.generation.engine import SamplingParams
-
+    def _sampling(self, parsed: ParsedRequest) -> SamplingParams:
         return SamplingParams(
             temperature=parsed.temperature, top_p=parsed.top_p, top_k=parsed.top_k, seed=parsed.seed,
             max_tokens=parsed.max_tokens, stop=parsed.stop,
@@ -143,7 +142,7 @@ class CodecHttpApp:
             first[0] = True
             self.metrics.ttft(time.monotonic() - started)
 
-    async def _stream_msgpack(self, request: web.Request, stream: Any, parsed: ParsedRequest,
+    async def _stream_msgpack(self, request: web.Request, stream: TokenStream, parsed: ParsedRequest,
                               headers: dict[str, str], started: float) -> web.StreamResponse:
         response = web.StreamResponse(headers={
             **CORS, **headers, "Content-Type": "application/x-msgpack", "Vary": "Accept-Encoding",
@@ -162,17 +161,17 @@ class CodecHttpApp:
         await response.write_eof()
         return response
 
-    async def _stream_sse(self, request: web.Request, stream: Any, parsed: ParsedRequest, chat: bool,
+    async def _stream_sse(self, request: web.Request, stream: TokenStream, parsed: ParsedRequest, chat: bool,
                           started: float) -> web.StreamResponse:
         response = web.StreamResponse(headers={**CORS, "Content-Type": "text/event-stream",
                                                "Cache-Control": "no-cache"})
         await response.prepare(request)
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
-        text = IncrementalText(self.engine)
+        text = IncrementalText(self.backend)
         first = [False]
         if chat:
-            await response.write(_sse(_chat_chunk(ident, created, self.info.model_id, {"role": "assistant", "content": ""}, None)))
+            await response.write(_sse(_chat_chunk(ident, created, self.backend.model_id, {"role": "assistant", "content": ""}, None)))
         async for chunk in stream:
             if chunk.ids:
                 self._observe_first(started, first)
@@ -189,11 +188,11 @@ class CodecHttpApp:
 
     def _chunk(self, chat: bool, ident: str, created: int, text: str, finish: str | None) -> dict[str, Any]:
         if chat:
-            return _chat_chunk(ident, created, self.info.model_id, {"content": text} if text else {}, finish)
-        return {"id": ident, "object": "text_completion", "created": created, "model": self.info.model_id,
+            return _chat_chunk(ident, created, self.backend.model_id, {"content": text} if text else {}, finish)
+        return {"id": ident, "object": "text_completion", "created": created, "model": self.backend.model_id,
                 "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
 
-    async def _whole(self, stream: Any, parsed: ParsedRequest, chat: bool, started: float) -> web.Response:
+    async def _whole(self, stream: TokenStream, parsed: ParsedRequest, chat: bool, started: float) -> web.Response:
         ids: list[int] = []
         finish = None
         first = [False]
@@ -203,19 +202,19 @@ class CodecHttpApp:
                 self.metrics.tokens(len(chunk.ids))
             ids.extend(chunk.ids)
             finish = chunk.finish_reason or finish
-        text = self.engine.decode(ids)
-        usage = {"prompt_tokens": len(parsed.prompt_ids), "completion_tokens": len(ids),
-                 "total_tokens": len(parsed.prompt_ids) + len(ids)}
+        text = self.backend.decode(ids)
+        usage = {"prompt_tokens": stream.prompt_tokens, "completion_tokens": len(ids),
+                 "total_tokens": stream.prompt_tokens + len(ids)}
         ident = uuid.uuid4().hex[:24]
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
                       "finish_reason": _openai_reason(finish)}
             body = {"id": "chatcmpl-" + ident, "object": "chat.completion", "created": int(time.time()),
-                    "model": self.info.model_id, "choices": [choice], "usage": usage}
+                    "model": self.backend.model_id, "choices": [choice], "usage": usage}
         else:
             choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": _openai_reason(finish)}
             body = {"id": "cmpl-" + ident, "object": "text_completion", "created": int(time.time()),
-                    "model": self.info.model_id, "choices": [choice], "usage": usage}
+                    "model": self.backend.model_id, "choices": [choice], "usage": usage}
         return web.json_response(body, headers=CORS)
 
 

@@ -1,39 +1,48 @@
-"""`meshnode ask`: a Python requester. Finds a serving peer, calls engine_run, prints text live.
+"""LegionClient: the one Python requester of the Legion protocol (``meshnode ask``, the demo, tests, benches).
 
-Flow: join the room; collect caps for a moment and pick the available peer with `engine_run` and
-the lowest load; fetch its tokenizer map once (`codec_map` tool, cached by hash); open an envelope
-stream (HELLO with zstd, stream id = call id); call `engine_run`; detokenize DATA frames as they
-arrive; finish on the tool result.
+It reads caps (a roster, and the real selection rule: peers that are ``available`` and list
+``engine_run``, least loaded first), calls tools (:class:`~meshnode.legion.calls.ToolCaller`), and
+records each call's stream as it arrives:
+
+* ``negotiate=False`` behaves like a real Legion tab: no HELLO; bare Codec frames, exactly one
+  msgpack object per ``cf`` message (a message holding more is counted in
+  :attr:`CallRecord.multi_object_messages`, since the real core would drop it);
+* ``negotiate=True`` sends an envelope HELLO (stream id = call id) offering zstd (and, with
+  ``accept_mux``, the multiplexed wire) before the call, and reads READY / DATA / END.
+
+Frames from a peer for a call it is not streaming are counted in :attr:`LegionClient.foreign_frames`.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import contextlib
 import logging
-import secrets
-import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import zstandard
 
-from meshnode.errors import MeshError
-from meshnode.wire.maps import Detokenizer, map_sha256, parse_map
+from meshnode.errors import FrameError, MeshError
+from meshnode.legion.calls import ToolCaller, new_call_id
 from meshnode.room import Room
-from meshnode.settings import Settings
+from meshnode.tasks import TaskOwner
 from meshnode.wire import legion
 from meshnode.wire.compression import StreamDecompressor
 from meshnode.wire.envelopes import DATA, END, HELLO, READY, Envelope, decode_cf_payload, encode_envelope
-from meshnode.wire.frames import CodecFrame, decode_frame
+from meshnode.wire.frames import CodecFrame, StreamDecoder
+from meshnode.wire.maps import Detokenizer, map_sha256, parse_map
+
+__all__ = ["AskError", "CallRecord", "LegionClient", "ask"]
 
 logger = logging.getLogger(__name__)
 
 CAP_GATHER_SECONDS = 1.0
+"""After the first eligible cap, wait this long for others before choosing."""
 MAX_MAP_BYTES = 64 * 1024 * 1024
 
 
@@ -41,175 +50,266 @@ class AskError(MeshError):
     """The request could not be completed (no peer, refused, timed out)."""
 
 
-async def find_server(room: Room, caps: Any, timeout: float) -> tuple[str, legion.Cap]:
-    """Wait for caps; return the least-loaded available peer that serves engine_run."""
-    found: dict[str, legion.Cap] = {}
-    deadline = asyncio.get_running_loop().time() + timeout
-    gather_until: float | None = None
-    while True:
-        now = asyncio.get_running_loop().time()
-        until = min(deadline, gather_until) if gather_until else deadline
-        if now >= until:
-            break
-        try:
-            async with asyncio.timeout(until - now):
-                message = await caps.receive()
-        except TimeoutError:
-            break
-        try:
-            cap = legion.parse_cap(message.payload)
-        except legion.LegionError as exc:
-            logger.debug("ignoring cap from %s: %s", message.peer_id, exc)
-            continue
-        if cap.available and "engine_run" in cap.tools:
-            found[message.peer_id] = cap
-            gather_until = gather_until or asyncio.get_running_loop().time() + CAP_GATHER_SECONDS
-    if not found:
-        raise AskError(f"no peer serving engine_run appeared within {timeout:.0f} s")
-    peer_id = min(found, key=lambda p: (found[p].load_ratio, p))
-    return peer_id, found[peer_id]
+@dataclass(eq=False)
+class CallRecord:
+    """What one call produced, as the asker saw it."""
+
+    call_id: str
+    peer_id: str
+    sent_at: float
+    ids: list[int] = field(default_factory=list)
+    first_at: float | None = None
+    done_at: float | None = None
+    arrivals: list[tuple[float, int]] = field(default_factory=list)
+    """(time, ids) of every frame that carried ids."""
+    messages: int = 0
+    multi_object_messages: int = 0
+    finish_reason: str | None = None
+    end_reason: str | None = None
+    result: legion.ToolResult | None = None
+    compression: str = "identity"
+    streams: bool = True
+    """The call streams frames (engine_run); other tools answer with a result only."""
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    inflate: StreamDecompressor | None = None
+    on_frame: Callable[[CodecFrame], None] | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_at is None else self.first_at - self.sent_at
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        if self.first_at is None or self.done_at is None or len(self.ids) < 2:
+            return None
+        return (len(self.ids) - 1) / max(1e-6, self.done_at - self.first_at)
+
+    @property
+    def content(self) -> dict[str, Any]:
+        """The ``ok`` result's content (``{}`` otherwise)."""
+        if self.result is None or self.result.status != "ok":
+            return {}
+        return dict((self.result.result or {}).get("content") or {})
+
+    def frame(self, frame: CodecFrame, now: float) -> None:
+        if frame.ids:
+            if self.first_at is None:
+                self.first_at = now
+            self.ids.extend(frame.ids)
+            self.arrivals.append((now, len(frame.ids)))
+        if self.on_frame is not None:
+            self.on_frame(frame)
+        if frame.done:
+            self.finish_reason = frame.finish_reason
+            self.done_at = now
 
 
-class ToolClient:
-    """Sends tc calls and matches results by callId."""
+class LegionClient:
+    """A requester in one room; use ``async with LegionClient(room) as client``."""
 
-    def __init__(self, room: Room) -> None:
-        self.action = room.make_action("tc")
-        self.pending: dict[str, asyncio.Future[legion.ToolResult]] = {}
+    def __init__(self, room: Room, *, negotiate: bool = False, compression: Sequence[str] = ("zstd", "identity"),
+                 hello_extra: dict[str, Any] | None = None) -> None:
+        self.room = room
+        self.negotiate = negotiate
+        self.compression = list(compression)
+        self.hello_extra = dict(hello_extra or {})
+        self.caps: dict[str, tuple[legion.Cap, float]] = {}
+        """Latest valid cap per peer, with when it arrived."""
+        self.calls: dict[str, CallRecord] = {}
+        self.foreign_frames = 0
+        self._cap = room.make_action("cap")
+        self._cf = room.make_action("cf")
+        self._tc = room.make_action("tc")
+        self.caller = ToolCaller(self._tc)
+        self._cap_seen = asyncio.Event()
+        self._bare: dict[str, CallRecord] = {}  # peer id -> the one un-negotiated call streaming from it
+        self._tasks = TaskOwner("legion-client")
 
-    async def run(self) -> None:
-        async for message in self.action:
+    async def __aenter__(self) -> Self:
+        self._tasks.spawn(self._read(self._cap, self._on_cap), "cap")
+        self._tasks.spawn(self._read(self._cf, self._on_cf), "cf")
+        self._tasks.spawn(self._read(self._tc, self._on_tc), "tc")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._tasks.aclose()
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    async def _read(self, action: Any, handler: Callable[[str, Any, float], None]) -> None:
+        async for message in action:
             try:
-                frame = legion.parse_tool_frame(message.payload)
-            except legion.LegionError:
-                continue
-            future = self.pending.get(frame.call_id)
-            if isinstance(frame, legion.ToolResult) and future is not None and not future.done():
-                future.set_result(frame)
+                handler(message.peer_id, message.payload, time.monotonic())
+            except (MeshError, ValueError, KeyError, TypeError) as exc:  # a peer's garbage: never crash
+                logger.debug("dropped a message from %s: %s", message.peer_id, exc)
 
-    async def call(self, peer_id: str, tool: str, args: dict[str, Any], call_id: str, timeout: float) -> legion.ToolResult:
-        future: asyncio.Future[legion.ToolResult] = asyncio.get_running_loop().create_future()
-        self.pending[call_id] = future
+    def _on_cap(self, peer_id: str, payload: Any, now: float) -> None:
+        self.caps[peer_id] = (legion.parse_cap(payload), now)
+        self._cap_seen.set()
+
+    def _on_tc(self, peer_id: str, payload: Any, now: float) -> None:
+        frame = legion.parse_tool_frame(payload)
+        if not isinstance(frame, legion.ToolResult):
+            return
+        self.caller.on_result(peer_id, frame)
+        record = self.calls.get(frame.call_id)
+        if record is not None and record.peer_id == peer_id:
+            record.result = frame
+            record.ready.set()  # a refusal comes before any stream
+            self._maybe_done(record)
+
+    def _on_cf(self, peer_id: str, payload: Any, now: float) -> None:
+        if not isinstance(payload, bytes):
+            raise FrameError("cf payload must be binary")
+        decoded = decode_cf_payload(payload)
+        if isinstance(decoded, CodecFrame):
+            record = self._bare.get(peer_id)
+            if record is None:
+                self.foreign_frames += 1
+                return
+            record.messages += 1
+            decoder = StreamDecoder()
+            frames = decoder.feed(payload)
+            if len(frames) != 1:
+                record.multi_object_messages += 1
+            for frame in frames:
+                record.frame(frame, now)
+            self._maybe_done(record)
+            return
+        record = self.calls.get(decoded.stream_id)
+        if record is None or record.peer_id != peer_id:
+            self.foreign_frames += 1
+            return
+        record.messages += 1
+        if decoded.kind == READY:
+            body = decoded.body if isinstance(decoded.body, dict) else {}
+            record.compression = str(body.get("compression", "identity"))
+            record.inflate = StreamDecompressor() if record.compression == "zstd" else None
+            record.ready.set()
+        elif decoded.kind == DATA and isinstance(decoded.body, bytes):
+            raw = record.inflate.decompress(decoded.body) if record.inflate is not None else decoded.body
+            for frame in StreamDecoder().feed(raw):
+                record.frame(frame, now)
+        elif decoded.kind == END:
+            body = decoded.body if isinstance(decoded.body, dict) else {}
+            record.end_reason = str(body.get("finish_reason"))
+            self._maybe_done(record)
+
+    def _maybe_done(self, record: CallRecord) -> None:
+        streamed = record.end_reason is not None if self.negotiate else record.done_at is not None
+        if record.result is not None and (streamed or not record.streams or record.result.status != "ok"):
+            record.done.set()
+            if self._bare.get(record.peer_id) is record:
+                del self._bare[record.peer_id]
+
+    # -- peers -------------------------------------------------------------------------------------
+
+    def servers(self) -> list[tuple[str, legion.Cap]]:
+        """Joined peers whose cap is available and lists engine_run, least loaded (then freshest) first."""
+        eligible = [(peer, cap, seen) for peer, (cap, seen) in self.caps.items()
+                    if cap.available and "engine_run" in cap.tools and peer in self.room.peers]
+        eligible.sort(key=lambda item: (item[1].load_ratio, -item[2], item[0]))
+        return [(peer, cap) for peer, cap, _ in eligible]
+
+    async def find_server(self, timeout: float) -> tuple[str, legion.Cap]:
+        """Wait for caps; the best peer that serves engine_run (see :meth:`servers`)."""
         try:
-            await self.action.send(legion.build_call(ts_ms=int(time.time() * 1000), call_id=call_id,
-                                                     tool_name=tool, args=args), target=peer_id)
             async with asyncio.timeout(timeout):
-                return await future
+                while not self.servers():
+                    self._cap_seen.clear()
+                    await self._cap_seen.wait()
+                await asyncio.sleep(CAP_GATHER_SECONDS)  # let the other peers' caps arrive too
         except TimeoutError:
-            raise AskError(f"{tool} on {peer_id}: no result within {timeout:.0f} s") from None
+            if not self.servers():
+                raise AskError(f"no peer serving engine_run appeared within {timeout:.0f} s") from None
+        return self.servers()[0]
+
+    # -- calls -------------------------------------------------------------------------------------
+
+    async def call(self, peer_id: str, args: dict[str, Any], *, timeout: float, tool: str = "engine_run",
+                   on_frame: Callable[[CodecFrame], None] | None = None) -> CallRecord:
+        """Call `tool` on `peer_id` and wait for its stream's end and its result.
+
+        Raises:
+            TimeoutError: not done within `timeout` seconds (the record stays in :attr:`calls`).
+        """
+        call_id = new_call_id("tc")
+        record = self.calls[call_id] = CallRecord(call_id=call_id, peer_id=peer_id, sent_at=time.monotonic(),
+                                                  on_frame=on_frame, streams=tool == "engine_run")
+        try:
+            await self._call(record, tool, args, timeout)
         finally:
-            self.pending.pop(call_id, None)
+            if self._bare.get(peer_id) is record:
+                del self._bare[peer_id]
+        return record
 
+    async def _call(self, record: CallRecord, tool: str, args: dict[str, Any], timeout: float) -> None:
+        peer_id, call_id = record.peer_id, record.call_id
+        async with asyncio.timeout(timeout):
+            if self.negotiate and record.streams:
+                hello = Envelope(kind=HELLO, stream_id=call_id, seq=0, body={
+                    "codec_version": 1, "accept_compression": self.compression, **self.hello_extra})
+                await self._cf.send(encode_envelope(hello), target=peer_id)
+                await record.ready.wait()
+            elif record.streams:
+                if peer_id in self._bare:
+                    raise AskError(f"one un-negotiated stream per peer at a time: {peer_id} is still streaming")
+                self._bare[peer_id] = record
+            record.sent_at = time.monotonic()
+            frame = legion.build_call(ts_ms=int(time.time() * 1000), call_id=call_id, tool_name=tool, args=args)
+            await self._tc.send(frame, target=peer_id)
+            await record.done.wait()
 
-def new_call_id() -> str:
-    return "tc-" + secrets.token_hex(6)
-
-
-async def fetch_map(tools: ToolClient, peer_id: str, cap: legion.Cap, cache_dir: Path, timeout: float) -> dict[str, Any]:
-    """The peer's map, from the local cache when its advertised hash is known."""
-    map_hash = cap.raw.get("mapHash")
-    if isinstance(map_hash, str) and map_hash.startswith("sha256:"):
-        cached = cache_dir / f"{map_hash[7:]}.json"
-        if cached.is_file():
-            data = cached.read_bytes()
-            if map_sha256(data) == map_hash:
-                return parse_map(data, expected_sha256=map_hash)
-    result = await tools.call(peer_id, "codec_map", {}, new_call_id(), timeout)
-    if result.status != "ok" or not result.result:
-        raise AskError(f"{peer_id} did not send its tokenizer map: {result.error}")
-    content = result.result.get("content", {})
-    if content.get("encoding") != "zstd+base64" or not isinstance(content.get("data"), str):
-        raise AskError("codec_map result is not zstd+base64 map data")
-    try:
-        packed = base64.b64decode(content["data"], validate=True)
-        data = zstandard.ZstdDecompressor().decompress(packed, max_output_size=MAX_MAP_BYTES)
-    except (ValueError, zstandard.ZstdError) as exc:
-        raise AskError(f"codec_map data is corrupt: {exc}") from exc
-    digest = map_sha256(data)
-    if content.get("map_hash") != digest or (isinstance(map_hash, str) and map_hash != digest):
-        raise AskError(f"map hash mismatch: advertised {content.get('map_hash')}, got {digest}")
-    document = parse_map(data, expected_sha256=digest)
-    with contextlib.suppress(OSError):
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        (cache_dir / f"{digest[7:]}.json").write_bytes(data)
-    return document
+    async def fetch_map(self, peer_id: str, cap: legion.Cap, cache_dir: Path, timeout: float) -> dict[str, Any]:
+        """The peer's map, from the local cache when its advertised hash is known."""
+        map_hash = cap.raw.get("mapHash")
+        if isinstance(map_hash, str) and map_hash.startswith("sha256:"):
+            cached = cache_dir / f"{map_hash[7:]}.json"
+            if cached.is_file():
+                data = cached.read_bytes()
+                if map_sha256(data) == map_hash:
+                    return parse_map(data, expected_sha256=map_hash)
+        try:
+            result = await self.caller.call(peer_id, "codec_map", {}, timeout=timeout)
+        except TimeoutError:
+            raise AskError(f"codec_map on {peer_id}: no result within {timeout:.0f} s") from None
+        if result.status != "ok" or not result.result:
+            raise AskError(f"{peer_id} did not send its tokenizer map: {result.error}")
+        content = result.result.get("content", {})
+        if content.get("encoding") != "zstd+base64" or not isinstance(content.get("data"), str):
+            raise AskError("codec_map result is not zstd+base64 map data")
+        try:
+            packed = base64.b64decode(content["data"], validate=True)
+            data = zstandard.ZstdDecompressor().decompress(packed, max_output_size=MAX_MAP_BYTES)
+        except (ValueError, zstandard.ZstdError) as exc:
+            raise AskError(f"codec_map data is corrupt: {exc}") from exc
+        digest = map_sha256(data)
+        if content.get("map_hash") != digest or (isinstance(map_hash, str) and map_hash != digest):
+            raise AskError(f"map hash mismatch: advertised {content.get('map_hash')}, got {digest}")
+        document = parse_map(data, expected_sha256=digest)
+        with contextlib.suppress(OSError):
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            (cache_dir / f"{digest[7:]}.json").write_bytes(data)
+        return document
 
 
 async def ask(room: Room, prompt: str, *, system: str | None, max_tokens: int, temperature: float,
               timeout: float, cache_dir: Path, write: Callable[[str], None]) -> dict[str, Any]:
-    """Ask the best peer; stream text through `write`; return the tool result content."""
-    caps = room.make_action("cap")
-    frames = room.make_action("cf")
-    tools = ToolClient(room)
-    reader = asyncio.create_task(tools.run(), name="ask.tc")
-    try:
-        peer_id, cap = await find_server(room, caps, timeout)
+    """Ask the best peer; stream text through `write` as frames arrive; return the result content."""
+    async with LegionClient(room, negotiate=True) as client:
+        peer_id, cap = await client.find_server(timeout)
         logger.info("asking %s (%r, %s)", peer_id, cap.nick, cap.model_id)
-        detok = Detokenizer(await fetch_map(tools, peer_id, cap, cache_dir, timeout))
-        call_id = new_call_id()
-        hello = Envelope(kind=HELLO, stream_id=call_id, seq=0,
-                         body={"codec_version": 1, "accept_compression": ["zstd", "identity"], "intent": "chat"})
-        await frames.send(encode_envelope(hello), target=peer_id)
+        detok = Detokenizer(await client.fetch_map(peer_id, cap, cache_dir, timeout))
         args: dict[str, Any] = {"user": prompt, "max_tokens": max_tokens, "temperature": temperature}
         if system:
             args["system"] = system
-        streaming = asyncio.create_task(_print_stream(frames, peer_id, call_id, detok, write), name="ask.cf")
         try:
-            result = await tools.call(peer_id, "engine_run", args, call_id, timeout)
-            async with asyncio.timeout(5):
-                await streaming  # END travels before the result on the same ordered channel
-        finally:
-            streaming.cancel()
-        if result.status != "ok":
-            raise AskError(f"{peer_id} answered {result.status}: {result.error}")
-        return dict((result.result or {}).get("content", {}))
-    finally:
-        reader.cancel()
-        await asyncio.gather(reader, return_exceptions=True)
-
-
-async def _print_stream(frames: Any, peer_id: str, call_id: str, detok: Detokenizer,
-                        write: Callable[[str], None]) -> None:
-    inflate: StreamDecompressor | None = None
-    async for message in frames:
-        if message.peer_id != peer_id or not isinstance(message.payload, bytes):
-            continue
-        decoded = decode_cf_payload(message.payload)
-        if isinstance(decoded, CodecFrame):
-            continue  # bare frames belong to /ai or other streams
-        if decoded.stream_id != call_id:
-            continue
-        if decoded.kind == READY:
-            body = decoded.body if isinstance(decoded.body, dict) else {}
-            inflate = StreamDecompressor() if body.get("compression") == "zstd" else None
-        elif decoded.kind == DATA and isinstance(decoded.body, bytes):
-            raw = inflate.decompress(decoded.body) if inflate else decoded.body
-            frame = decode_frame(raw)
-            write(detok.render(frame.ids, partial=not frame.done))
-        elif decoded.kind == END:
-            return
-
-
-async def run_ask(args: argparse.Namespace, settings: Settings) -> int:
-    from meshnode.generation.models import default_cache_dir
-    from meshnode.node.node import room_config
-
-    cache = Path(settings.model.cache_dir) if settings.model.cache_dir else default_cache_dir()
-    room = await Room.join(room_config(settings))
-
-    def write(text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-
-    try:
-        content = await ask(room, args.prompt, system=args.system, max_tokens=args.max_tokens,
-                            temperature=args.temperature, timeout=args.timeout, cache_dir=cache / "maps", write=write)
-    except AskError as exc:
-        logger.error("%s", exc)
-        return 1
-    finally:
-        await room.leave()
-    sys.stdout.write("\n")
-    logger.info("%s tokens, finish=%s, first token after %s ms", content.get("tokens"), content.get("finish_reason"),
-                content.get("ttft_ms"))
-    return 0
+            record = await client.call(peer_id, args, timeout=timeout,
+                                       on_frame=lambda frame: write(detok.render(frame.ids, partial=not frame.done)))
+        except TimeoutError:
+            raise AskError(f"engine_run on {peer_id}: no answer within {timeout:.0f} s") from None
+        assert record.result is not None
+        if record.result.status != "ok":
+            raise AskError(f"{peer_id} answered {record.result.status}: {record.result.error}")
+        return record.content

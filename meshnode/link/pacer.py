@@ -37,16 +37,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import msgpack
 
 from meshnode.errors import MeshError
+from meshnode.link.costs import PacingConfig, UnitLoad, predict
+from meshnode.link.policy import ActionLike, StreamSink
 from meshnode.wire.compression import StreamCompressor
 from meshnode.wire.envelopes import Envelope, EnvelopeKind, encode_envelope
 from meshnode.wire.frames import CodecFrame, encode_frame
@@ -59,154 +60,6 @@ MAX_PENDING_IDS_PER_STREAM = 4096
 TERMINAL_FLUSH_TIMEOUT_SECONDS = 30.0
 """Longest a stream's last frame may wait to go out before the stream gives up."""
 REPLAN_SECONDS = 0.5
-SCTP_USER_DATA_BYTES = 1160
-"""aiortc's largest DATA chunk payload (``USERDATA_MAX_LENGTH``): bigger messages take more packets."""
-
-
-class ActionLike(Protocol):
-    async def send(self, payload: Any, target: str | list[str] | None = None) -> None: ...
-
-
-class StreamSink(Protocol):
-    """Where one stream's ids go; returned by :meth:`StreamPolicy.open_stream`."""
-
-    coalesce: tuple[int, float]
-    """(max_ids, max_delay_seconds) for the service's own coalescing before :meth:`send`."""
-    frames_sent: int
-
-    async def send(self, ids: list[int], finish_reason: str | None) -> None:
-        """Take the next ids; a non-None `finish_reason` ends the stream (returns once it is sent)."""
-        ...
-
-
-class StreamPolicy(Protocol):
-    """The hook :class:`meshnode.legion.service.LegionService` calls around each stream."""
-
-    def admit(self, peer_id: str, stream_id: str) -> str | None:
-        """Reserve room for a new stream; returns a refusal reason, or None when admitted."""
-        ...
-
-    def available(self) -> bool:
-        """Whether a new stream would be admitted now (drives ``cap.available``)."""
-        ...
-
-    def on_hello(self, peer_id: str, stream_id: str, body: Mapping[str, Any], compression: str) -> dict[str, Any]:
-        """Note what a HELLO negotiated; returns extra READY fields."""
-        ...
-
-    def open_stream(self, action: ActionLike, peer_id: str, stream_id: str, *, negotiated: bool,
-                    compression: str) -> StreamSink:
-        """The sink for an admitted stream (`negotiated`: the asker sent a HELLO for it)."""
-        ...
-
-    def release(self, peer_id: str, stream_id: str) -> None:
-        """The stream is over (finished, failed or cancelled); idempotent."""
-        ...
-
-    def result_content(self, peer_id: str, stream_id: str, content: dict[str, Any]) -> dict[str, Any]:
-        """The engine_run result content to send once the stream has ended (may drop ``text``)."""
-        ...
-
-
-# -- the cost model ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class WireCosts:
-    """Bytes per message and per packet on a TURN-relayed data channel (estimates, IPv4).
-
-    Defaults: Trystero room frame + action chunk header = 103 B (trystero-wire §8.8); a DATA
-    envelope around a body with a 15-character stream id ≈ 30 B (legion-mesh §5.5); per packet
-    DTLS 1.2 AES-GCM record 37 B + SCTP common and DATA chunk headers 28 B + UDP/IP 28 B + TURN
-    ChannelData 4 B = 97 B; the receiver's SACK ≈ 97 B back per packet.
-    """
-
-    trystero_bytes: int = 103
-    envelope_bytes: int = 30
-    packet_bytes: int = 97
-    ack_bytes: int = 97
-    frame_bytes: int = 13
-    """A Codec frame's map keys and flags; zstd shrinks them to a few bytes after the first."""
-    id_bytes: float = 2.6
-    """One token id in a frame (msgpack uint16 mostly), before compression."""
-    mux_item_bytes: int = 6
-    """Per stream in a multiplexed message: array header, tag, bin header."""
-    zstd_ratio: float = 0.75
-    """Compressed/raw size of a frame (streaming zstd with a flush per message)."""
-    zstd_block_bytes: int = 3
-
-
-@dataclass(frozen=True, kw_only=True)
-class PacingConfig:
-    """Settings of a :class:`Pacer`."""
-
-    budget_bytes_per_second: float
-    """The link's byte budget per direction (0: unknown — windows stay at ``min_window``, no admission)."""
-    headroom: float = 0.85
-    """Admit streams while they fit this fraction of the budget at ``max_window`` (the rest is for
-    control traffic, retransmissions and estimate errors)."""
-    target_utilisation: float = 0.65
-    """Choose the window for this fraction of the budget when ``max_window`` allows it; above it
-    the window only widens as far as ``headroom`` needs (queues on a full link cost latency)."""
-    stream_control_bytes: int = 1400
-    """Bytes a stream costs on the link besides its frames, once per stream: READY, the engine_run
-    result, acknowledgements of the asker's HELLO and call (measured by ``meshnode bench``)."""
-    stream_seconds: float = 20.0
-    """Expected stream lifetime until measured: spreads ``stream_control_bytes`` for admission."""
-    startup_seconds: float = 2.0
-    """Over how long a start-up's control bytes are spread when planning the window."""
-    reopen_fraction: float = 0.05
-    """Hysteresis: once full, ``available`` turns true again only when this fraction of the admitted
-    streams (at least one) could still be added, so ``cap.available`` does not flap."""
-    token_rate: float = 30.0
-    """Expected tokens per second per stream until measured."""
-    min_window_seconds: float = 0.05
-    max_window_seconds: float = 0.4
-    """Upper bound of the coalescing window: the latency promise (p95 inter-token delay)."""
-    max_messages_per_second: float = 400.0
-    """Message-rate ceiling for the node (aiortc's SCTP/DTLS is pure Python: ~1 ms of CPU per message)."""
-    multiplex: bool = True
-    """Let peers that negotiate ``accept_mux`` share one message per window across their streams."""
-    admission: bool = True
-    """Refuse new streams that would not fit (False: admit everything, only adapt the window)."""
-    costs: WireCosts = field(default_factory=WireCosts)
-
-
-@dataclass
-class _UnitLoad:
-    streams: int
-    mux: bool
-    negotiated: bool
-    compressed: bool
-
-
-def message_bytes(unit: _UnitLoad, tokens: float, costs: WireCosts) -> float:
-    """Predicted data-channel payload + Trystero framing of one message carrying `tokens` ids."""
-    frame = costs.frame_bytes + tokens / max(1, unit.streams) * costs.id_bytes
-    if unit.compressed:
-        frame = frame * costs.zstd_ratio + costs.zstd_block_bytes
-    body = unit.streams * (frame + (costs.mux_item_bytes if unit.mux else 0)) if unit.mux else frame
-    wrapper = costs.envelope_bytes if unit.negotiated else 0
-    return costs.trystero_bytes + wrapper + body
-
-
-def predict(units: list[_UnitLoad], window: float, rate: float, costs: WireCosts) -> tuple[float, float, float]:
-    """(bytes/s out, bytes/s back, messages/s) for `units` at coalescing window `window`."""
-    out = back = messages = 0.0
-    for unit in units:
-        if unit.streams <= 0:
-            continue
-        token_rate = unit.streams * rate
-        per_second = min(1.0 / window, token_rate)  # never more than one message per token
-        size = message_bytes(unit, token_rate / per_second, costs)
-        packets = math.ceil(size / SCTP_USER_DATA_BYTES)
-        out += per_second * (size + packets * costs.packet_bytes)
-        back += per_second * packets * costs.ack_bytes
-        messages += per_second
-    return out, back, messages
-
-
-# -- runtime ----------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -241,8 +94,8 @@ class _Unit:
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
-    def load(self) -> _UnitLoad:
-        return _UnitLoad(streams=len(self.slots), mux=self.mux, negotiated=self.negotiated,
+    def load(self) -> UnitLoad:
+        return UnitLoad(streams=len(self.slots), mux=self.mux, negotiated=self.negotiated,
                          compressed=self.compressed)
 
     def ensure_running(self) -> None:
@@ -447,15 +300,15 @@ class Pacer:
 
     # -- model --------------------------------------------------------------------------------------
 
-    def _loads(self, extra: tuple[str, _Shape] | None = None) -> list[_UnitLoad]:
+    def _loads(self, extra: tuple[str, _Shape] | None = None) -> list[UnitLoad]:
         """Current unit loads, counting admitted streams that have not opened yet, plus `extra`."""
-        units: dict[tuple[str, str], _UnitLoad] = {}
+        units: dict[tuple[str, str], UnitLoad] = {}
         entries = list(self._reserved.items())
         if extra is not None:
             entries.append(((extra[0], "\x00new"), extra[1]))
         for (peer, sid), shape in entries:
             key = (peer, "\x00mux") if shape.mux else (peer, sid)
-            load = units.setdefault(key, _UnitLoad(streams=0, mux=shape.mux, negotiated=shape.negotiated,
+            load = units.setdefault(key, UnitLoad(streams=0, mux=shape.mux, negotiated=shape.negotiated,
                                                    compressed=shape.compressed))
             load.streams += 1
         return list(units.values())
@@ -464,13 +317,13 @@ class Pacer:
         """Tokens per second per stream: the configured rate (the replay or engine speed)."""
         return self.config.token_rate
 
-    def _predict(self, loads: list[_UnitLoad], window: float) -> tuple[float, float, float]:
+    def _predict(self, loads: list[UnitLoad], window: float) -> tuple[float, float, float]:
         """Frames (the cost model) plus every stream's control bytes spread over its lifetime."""
         out, back, messages = predict(loads, window, self.rate(), self.config.costs)
         streams = sum(load.streams for load in loads)
         return out + streams * self.config.stream_control_bytes / max(1.0, self._lifetime), back, messages
 
-    def _fits(self, loads: list[_UnitLoad], window: float, fraction: float, extra_bytes_per_second: float = 0.0) -> bool:
+    def _fits(self, loads: list[UnitLoad], window: float, fraction: float, extra_bytes_per_second: float = 0.0) -> bool:
         config = self.config
         out, back, messages = self._predict(loads, window)
         limit = fraction * config.budget_bytes_per_second
@@ -577,7 +430,7 @@ class Pacer:
         probe = _Shape(mux=config.multiplex, negotiated=True, compressed=True)
         room = 1 if not self._full else max(1, round(config.reopen_fraction * len(self._reserved)))
         loads = self._loads()  # plus `room` newcomers, each on a peer of its own (the costly case)
-        loads.extend(_UnitLoad(streams=1, mux=probe.mux, negotiated=True, compressed=True) for _ in range(room))
+        loads.extend(UnitLoad(streams=1, mux=probe.mux, negotiated=True, compressed=True) for _ in range(room))
         self._full = not self._fits(loads, config.max_window_seconds, config.headroom)
         return not self._full
 

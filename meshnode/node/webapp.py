@@ -13,7 +13,6 @@ The client is bundled by `scripts/build-client.sh` into web/dist (or $MESHNODE_W
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from pathlib import Path
@@ -71,9 +70,8 @@ def relay_urls(settings: Settings) -> list[str]:
 
 def client_config(node: Any, settings: Settings) -> dict[str, Any]:
     """What the page needs to join the node's room (no secrets)."""
-    room = getattr(node, "room", None)
-    service = getattr(node, "service", None)
-    info = node.info
+    room = node.room
+    service = node.service
     return {
         "strategy": settings.room.strategy,
         "relayUrls": relay_urls(settings),
@@ -85,8 +83,8 @@ def client_config(node: Any, settings: Settings) -> dict[str, Any]:
         "node": {
             "peerId": room.self_id if room is not None else None,
             "nick": service.config.nick if service is not None else None,
-            "modelId": info.model_id,
-            "mapId": info.map_id,
+            "modelId": node.model_id,
+            "mapId": node.codec_map.map_id if node.codec_map is not None else None,
         },
     }
 
@@ -98,7 +96,6 @@ class WebApp:
         self.node = node
         self.settings = settings
         self.dist = dist.resolve()
-        self._map_lock = asyncio.Lock()
 
     def make_app(self) -> web.Application:
         app = web.Application(middlewares=[self._headers])
@@ -127,11 +124,9 @@ class WebApp:
         return web.json_response(client_config(self.node, self.settings), headers={"Cache-Control": "no-store"})
 
     async def _map(self) -> tuple[str, bytes, str]:
-        """(map id, exact bytes, pin); built once off the event loop."""
-        info = self.node.info
-        async with self._map_lock:
-            data, pin = await asyncio.to_thread(lambda: (info.map_bytes, info.map_hash))
-        return info.map_id, data, pin
+        """(map id, exact bytes, pin) of the node's backend (built once, off the event loop)."""
+        codec_map = await self.node.backend.codec_map()
+        return codec_map.map_id, codec_map.data, codec_map.map_hash
 
     async def map_index(self, request: web.Request) -> web.Response:
         map_id, _, pin = await self._map()

@@ -81,9 +81,9 @@ class RoomConfig:
     is disconnected and banned (0 = unlimited)."""
     peer_burst_bytes: int = 0
     """Inbound byte burst per connection (defaults to 2 × max_message_bytes when a rate is set)."""
-    peer_rate_frames_per_second: float = 0.0
+    peer_rate_messages_per_second: float = 0.0
     """Sustained inbound data-channel messages per second per connection (0 = unlimited)."""
-    peer_burst_frames: int = 0
+    peer_burst_messages: int = 0
     """Inbound message burst per connection (defaults to 4 s of the rate when a rate is set)."""
     max_connections: int = 0
     """Open plus negotiating connections of this app; further peers are refused (0 = unlimited)."""

@@ -340,6 +340,10 @@ def parse_engine_run(args: dict[str, Any], *, max_prompt_chars: int) -> EngineRu
     extra = sorted(set(args) - allowed)
     if extra:
         raise LegionError(f"unknown argument {extra[0]!r}")
+    for key in ("max_tokens", "temperature", "top_p"):
+        # JSON.stringify turns NaN and Infinity into null: a null here was meant as a number.
+        if key in args and args[key] is None:
+            raise LegionError(f"{key} is null: give a number or leave it out (NaN and Infinity arrive as null)")
     user = args.get("user")
     if not isinstance(user, str) or not user.strip():
         raise LegionError("user must be a non-empty string")

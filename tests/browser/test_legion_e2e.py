@@ -29,7 +29,7 @@ import pytest
 import pytest_asyncio
 
 from meshnode.cli.config import load_settings
-from meshnode.generation.engine import SamplingParams
+from meshnode.generation.api import SamplingParams
 from meshnode.wire.maps import Detokenizer
 from meshnode.node.node import Node
 from tests.fixtures_model import embedded_loaded, make_engine  # noqa: F401
@@ -246,7 +246,7 @@ async def mesh(request: pytest.FixtureRequest, embedded_loaded: Any, browser: An
     suffix = f"{strategy}-{time.monotonic_ns() % 10**9}"
     settings, _ = load_settings(None, env={}, flags={
         ("room", "strategy"): strategy, ("room", "relays"): [relay.url], ("room", "room"): f"e2e-{suffix}",
-        ("room", "app_id"): "meshnode-e2e", ("webrtc", "ice_servers"): [], ("legion", "nick"): NODE_NICK,
+        ("room", "app_id"): "meshnode-e2e", ("webrtc", "ice_servers"): [], ("webrtc", "host_addresses"): ["127.0.0.1"], ("legion", "nick"): NODE_NICK,
         ("engine", "default_max_tokens"): MAX_TOKENS})
     async with contextlib.AsyncExitStack() as stack:
         engine = make_engine(embedded_loaded, max_concurrent=4)

@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from meshnode.generation.engine import SamplingParams, TorchEngine
+from meshnode.generation.api import SamplingParams
+from meshnode.generation.torch_backend import TorchEngine
 from meshnode.generation.models import EMBEDDED_MODEL_ID, LoadedModel, default_cache_dir, resolve_model
 
 pytestmark = pytest.mark.model

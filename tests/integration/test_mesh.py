@@ -15,7 +15,7 @@ import pytest
 
 from meshnode.legion.client import ask
 from meshnode.cli.config import load_settings
-from meshnode.generation.engine import SamplingParams
+from meshnode.generation.api import SamplingParams
 from meshnode.node.node import Node, room_config
 from meshnode.room import Room
 from tests.fixtures_model import embedded_loaded, make_engine  # noqa: F401
@@ -29,7 +29,7 @@ QUESTION = "What is the capital of France? Answer in one short sentence."
 def settings_for(strategy: str, url: str, room: str) -> Any:
     settings, _ = load_settings(None, env={}, flags={("room", "strategy"): strategy, ("room", "relays"): [url],
                                                      ("room", "room"): room, ("room", "app_id"): "meshnode-test",
-                                                     ("webrtc", "ice_servers"): []})
+                                                     ("webrtc", "ice_servers"): [], ("webrtc", "host_addresses"): ["127.0.0.1"]})
     return settings
 
 

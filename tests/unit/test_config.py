@@ -65,7 +65,7 @@ def test_every_flag_maps_to_a_real_setting() -> None:
     keys = known_keys()
     assert all(key in keys for key in FLAG_KEYS.values())
     args = build_parser().parse_args(["join", "--room", "r", "--relay", "ws://x", "--relay", "ws://y",
-                                      "--ice-host-mode", "only"])
+                                      "--ice-host-mode", "only", "--ice-host-address", "127.0.0.1"])
     from meshnode.cli.main import _flags
 
     settings, _ = load_settings(None, env={}, flags=_flags(args))
@@ -73,8 +73,36 @@ def test_every_flag_maps_to_a_real_setting() -> None:
     assert settings.webrtc.host_addresses_mode == "only"
 
 
+@pytest.mark.parametrize("where", ["flag", "env", "toml"])
+def test_ice_host_address_alone_is_used(tmp_path: Path, where: str) -> None:
+    """Issue 12.1: an address the user names is used: without a mode it means 'append'."""
+    from meshnode.cli.main import _flags
+    from meshnode.node.assembly import ice_policy
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[webrtc]\nhost_addresses = ["127.0.0.1"]\n' if where == "toml" else "")
+    env = {"MESHNODE_WEBRTC__HOST_ADDRESSES": '["127.0.0.1"]'} if where == "env" else {}
+    argv = ["join", "--ice-host-address", "127.0.0.1"] if where == "flag" else ["join"]
+    settings, _ = load_settings(cfg, env=env, flags=_flags(build_parser().parse_args(argv)))
+    policy = ice_policy(settings.webrtc)
+    assert (policy.host_addresses_mode, policy.host_addresses) == ("append", ("127.0.0.1",))
+    assert "127.0.0.1" in policy.describe()
+
+
+def test_ice_auto_with_addresses_is_a_clear_error() -> None:
+    from meshnode.cli.main import _flags
+
+    args = build_parser().parse_args(["join", "--ice-host-mode", "auto", "--ice-host-address", "10.0.0.1"])
+    with pytest.raises(ConfigError, match=r"'auto' ignores webrtc.host_addresses \['10.0.0.1'\].*'append'"):
+        load_settings(None, env={}, flags=_flags(args))
+    settings, _ = load_settings(None, env={})
+    from meshnode.node.assembly import ice_policy
+
+    assert ice_policy(settings.webrtc).host_addresses_mode == "auto"  # nothing named: aioice's own
+
+
 def test_max_concurrent_auto_depends_on_the_engine() -> None:
-    from meshnode.cli.commands import resolve_max_concurrent
+    from meshnode.generation.factory import resolve_max_concurrent
 
     settings, _ = load_settings(None, env={})
     assert settings.engine.max_concurrent == 0  # auto by default

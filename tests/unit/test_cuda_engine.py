@@ -18,16 +18,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from meshnode.generation.cuda.engine import (
-    CudaEngine,
-    SlotDecoder,
-    sample_row_exact,
-    sample_rows,
-    sample_rows_exact,
-    seed_key,
-    supports_model,
-)
-from meshnode.generation.engine import GenerationEngine, SamplingParams, TokenStream, TorchEngine
+from meshnode.generation.cuda.backend import CudaEngine
+from meshnode.generation.cuda.decoder import SlotDecoder, supports_model
+from meshnode.generation.cuda.sampler import sample_row_exact, sample_rows, sample_rows_exact, seed_key
+from meshnode.generation.api import TokenEngine, SamplingParams, TokenStream
+from meshnode.generation.engine import Engine
+from meshnode.generation.torch_backend import TorchEngine
 from meshnode.errors import AdmissionError
 from tests.fakes import CharTokenizer
 
@@ -275,10 +271,10 @@ def reference_model() -> LlamaForCausalLM:
 
 def test_engine_satisfies_protocol_and_reports_load(engine_model: Any) -> None:
     engine = make_engine(engine_model)
-    assert isinstance(engine, GenerationEngine)
+    assert isinstance(engine, TokenEngine)
     assert engine.load_info() == {"active": 0, "queued": 0, "max_concurrent": 8, "max_queue": 16}
     assert engine.max_len == 128
-    assert not engine.use_graphs
+    assert not engine.batch.use_graphs
 
 
 def test_greedy_streams_join_and_leave_equal_transformers(
@@ -303,7 +299,7 @@ def test_greedy_streams_join_and_leave_equal_transformers(
             assert all(s.finish_reason == "length" for s in streams)
             assert all(s.ttft_seconds is not None for s in streams)
             assert engine.load_info()["active"] == 0
-            assert engine.prefill_steps >= 3
+            assert engine.batch.prefill_steps >= 3
             return [f + r for f, r in zip(firsts, rest, strict=True)]
 
     assert run(scenario()) == expected
@@ -345,7 +341,7 @@ def test_sampled_tokens_follow_the_reference_sampler(
             others = [engine.generate(prompt(i), params.__class__(temperature=0.0, max_tokens=12)) for i in (2, 3)]
             ids = await engine.generate(prompt(1), params).collect()
             await asyncio.gather(*(o.collect() for o in others))
-            return ids, engine.overflow_rows
+            return ids, engine.batch.overflow_rows
 
     ids, overflows = run(scenario())
     assert len(ids) == 12
@@ -453,15 +449,10 @@ def test_graph_plumbing_with_eager_replays(engine_model: Any, reference_model: A
 
     async def scenario() -> list[list[int]]:
         engine = make_engine(engine_model, prefill_budget_tokens=32)
-        engine._graphs = {  # noqa: SLF001 - test
-            (b, n): EagerGraph(engine._step_body, b, n)  # noqa: SLF001
-            for b in engine._batch_buckets  # noqa: SLF001
-            for n in engine._length_buckets  # noqa: SLF001
-        }
-        engine._prefill_graphs = {  # noqa: SLF001
-            shape: EagerGraph(engine._prefill_body, *shape)  # noqa: SLF001
-            for shape in engine._prefill_shapes  # noqa: SLF001
-        }
+        graphs = engine.batch.graphs
+        graphs.graphs = {(b, n): EagerGraph(graphs.step_body, b, n)
+                         for b in graphs.batch_buckets for n in graphs.length_buckets}
+        graphs.prefill_graphs = {shape: EagerGraph(graphs.prefill_body, *shape) for shape in graphs.prefill_shapes}
         async with engine:
             streams = [engine.generate(prompt(i), params[i]) for i in range(count)]
             return list(await asyncio.gather(*(s.collect() for s in streams)))
@@ -487,9 +478,9 @@ def test_cuda_graph_engine_matches_transformers_fp32(compiled: bool) -> None:
         engine = make_engine(model, max_concurrent=8, use_compile=compiled, prefill_budget_tokens=16)
         async with engine:
             await engine.wait_ready()
-            assert engine.use_graphs and len(engine._graphs) > 0  # noqa: SLF001 - test
-            assert len(engine._prefill_graphs) > 0  # noqa: SLF001 - test
-            assert engine.use_compile == compiled  # compiled helpers did not fall back
+            assert engine.batch.use_graphs and len(engine.batch.graphs.graphs) > 0
+            assert len(engine.batch.graphs.prefill_graphs) > 0
+            assert engine.batch.use_compile == compiled  # compiled helpers did not fall back
             streams = [engine.generate(prompt(i), params[i]) for i in range(count)]
             return list(await asyncio.gather(*(s.collect() for s in streams)))
 
@@ -517,6 +508,8 @@ def test_cuda_bf16_sampled_streams_are_reproducible() -> None:
 
 
 def test_torch_engine_is_unchanged_on_cpu(engine_model: Any) -> None:
-    """The CPU path stays TorchEngine: CudaEngine is a separate class, chosen only for CUDA."""
+    """The CPU path stays TorchEngine: both are Engines over their own backend, the CUDA one chosen
+    only for CUDA devices."""
     assert CudaEngine is not TorchEngine
-    assert issubclass(CudaEngine, TorchEngine)
+    assert issubclass(CudaEngine, Engine) and issubclass(TorchEngine, Engine)
+    assert not issubclass(CudaEngine, TorchEngine)

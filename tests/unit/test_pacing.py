@@ -8,14 +8,9 @@ from typing import Any
 import msgpack
 import pytest
 
-from meshnode.link.pacer import (
-    Pacer,
-    PacingConfig,
-    WireCosts,
-    _UnitLoad,
-    decode_mux_body,
-    predict,
-)
+from meshnode.link.costs import PacingConfig, WireCosts, predict
+from meshnode.link.costs import UnitLoad
+from meshnode.link.pacer import Pacer, decode_mux_body
 from meshnode.wire.compression import StreamDecompressor
 from meshnode.wire.envelopes import DATA, decode_cf_payload
 from meshnode.wire.frames import StreamDecoder
@@ -35,14 +30,14 @@ class FakeAction:
 
 def test_predicted_cost_falls_with_the_window_and_multiplexing_is_cheaper() -> None:
     costs = WireCosts()
-    mux = [_UnitLoad(streams=10, mux=True, negotiated=True, compressed=True)]
-    solo = [_UnitLoad(streams=1, mux=False, negotiated=True, compressed=True) for _ in range(10)]
+    mux = [UnitLoad(streams=10, mux=True, negotiated=True, compressed=True)]
+    solo = [UnitLoad(streams=1, mux=False, negotiated=True, compressed=True) for _ in range(10)]
     windows = [0.05, 0.1, 0.2, 0.4]
     costs_mux = [predict(mux, w, 30.0, costs)[0] for w in windows]
     assert costs_mux == sorted(costs_mux, reverse=True)
     assert predict(mux, 0.2, 30.0, costs)[0] < predict(solo, 0.2, 30.0, costs)[0] / 3
     # Never more than one message per token: a slow stream at a tiny window sends per token.
-    _, _, messages = predict([_UnitLoad(streams=1, mux=False, negotiated=False, compressed=False)], 0.001, 5.0, costs)
+    _, _, messages = predict([UnitLoad(streams=1, mux=False, negotiated=False, compressed=False)], 0.001, 5.0, costs)
     assert messages == pytest.approx(5.0)
 
 

@@ -8,7 +8,10 @@ from typing import Any
 
 import pytest
 
-from meshnode.legion.service import LegionService, ServiceConfig, elect_ai_responder
+from meshnode.generation.api import CodecMapInfo
+from meshnode.legion.roster import elect_ai_responder
+from meshnode.legion.service import LegionService, ServiceConfig
+from tests.fakes import fake_backend
 from meshnode.wire import legion
 from meshnode.wire.compression import StreamDecompressor
 from meshnode.wire.envelopes import DATA, END, HELLO, READY, Envelope, decode_cf_payload, encode_envelope
@@ -49,6 +52,10 @@ class FakeRoom:
 
     def __init__(self) -> None:
         self.actions: dict[str, FakeAction] = {}
+        self.dropped: list[tuple[str, str, float | None]] = []
+
+    def drop_peer(self, peer_id: str, reason: str, ban_seconds: float | None = None) -> None:
+        self.dropped.append((peer_id, reason, ban_seconds))
 
     def make_action(self, name: str) -> FakeAction:
         return self.actions.setdefault(name, FakeAction(name))
@@ -61,6 +68,8 @@ class Chunk:
 
 
 class FakeStream:
+    prompt_tokens = 0
+
     def __init__(self, ids: list[int], gate: asyncio.Event | None) -> None:
         self.ids, self.gate = ids, gate
         self.cancelled = False
@@ -107,10 +116,21 @@ class FakeEngine:
         active = sum(1 for s in self.streams if not s.cancelled)
         return {"active": active, "queued": 0, "max_concurrent": 8, "max_queue": 4}
 
+    async def close(self) -> None:
+        return None
+
+
+MAP = CodecMapInfo(map_id="huggingfacetb/smollm2", map_hash="sha256:00", data=b"{}")
+
+
+def make_service(room: Any, engine: Any, **kw: Any) -> LegionService:
+    """A service over a fake room, serving a fake engine the way the node serves a real one."""
+    return LegionService(room, fake_backend(engine), config=config(**kw), codec_map=MAP)
+
 
 def config(**kw: Any) -> ServiceConfig:
     base = dict(nick="node", model_id=FakeEngine.model_id, skills=["chat"], authoritative=[], system_prompt="",
-                frame_max_ids=16, frame_max_delay_seconds=0.0)
+                frame_max_ids=16, frame_max_delay_ms=0)
     base.update(kw)
     return ServiceConfig(**base)
 
@@ -122,7 +142,7 @@ def call(call_id: str, tool: str, args: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture
 async def svc() -> Any:
     room, engine = FakeRoom(), FakeEngine()
-    service = LegionService(room, engine, config=config(), map_id="huggingfacetb/smollm2", map_hash="sha256:00")
+    service = make_service(room, engine)
     task = asyncio.create_task(service.run())
     yield room, engine, service
     task.cancel()
@@ -202,8 +222,8 @@ async def test_per_peer_concurrency_limit_and_cancel_on_leave(svc: Any) -> None:
             room.actions["tc"].inbox.put_nowait(Msg("A" * 20, call(f"tc-{i}", "engine_run", {"user": "x"})))
         payload, _ = await room.actions["tc"].wait_for(lambda item: item[0].get("callId") == "tc-2")
         assert payload["status"] == "denied" and payload["error"].startswith("busy")
-        while len(service.calls) < 2:
-            await asyncio.sleep(0)
+        while len(engine.streams) < 2:  # both calls reached the engine (prompts tokenize off the loop)
+            await asyncio.sleep(0.01)
         service.peer_left("A" * 20)
         while service.calls:
             await asyncio.sleep(0)
@@ -254,10 +274,10 @@ def _cap(available: bool = True, active: int = 0, meshnode: bool = True) -> legi
 
 def test_election_is_deterministic_by_load_then_id() -> None:
     caps = {"b" * 20: _cap(), "a" * 20: _cap(active=2), "c" * 20: _cap(), "Z" * 20: _cap(available=False)}
-    assert elect_ai_responder("b" * 20, caps, asker="x" * 20) == "b" * 20
-    assert elect_ai_responder("c" * 20, caps, asker="b" * 20) == "c" * 20
+    assert elect_ai_responder(caps, asker="x" * 20) == "b" * 20
+    assert elect_ai_responder(caps, asker="b" * 20) == "c" * 20
     caps["0" * 20] = _cap(meshnode=False)  # browsers never take part in the election
-    assert elect_ai_responder("b" * 20, caps, asker="x" * 20) == "b" * 20
+    assert elect_ai_responder(caps, asker="x" * 20) == "b" * 20
 
 
 async def test_ai_chat_directed_and_broadcast(svc: Any) -> None:

@@ -13,20 +13,27 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from meshnode.cli.config import load_settings
 from meshnode.errors import ConfigError
+from meshnode.generation.api import CodecMapInfo
 from meshnode.node.webapp import WebApp, browser_ice_servers, client_config, start_web
 
 MAP_BYTES = b'{\n  "id": "huggingfacetb/smollm2",\n  "vocab": {\n    "a": 0\n  }\n}'
 
 
-class _Info:
+MAP = CodecMapInfo(map_id="huggingfacetb/smollm2", map_hash="sha256:" + hashlib.sha256(MAP_BYTES).hexdigest(),
+                   data=MAP_BYTES)
+
+
+class _Backend:
     model_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    map_id = "huggingfacetb/smollm2"
-    map_bytes = MAP_BYTES
-    map_hash = "sha256:" + hashlib.sha256(MAP_BYTES).hexdigest()
+
+    async def codec_map(self) -> CodecMapInfo:
+        return MAP
 
 
 class _Node:
-    info = _Info()
+    backend = _Backend()
+    model_id = backend.model_id
+    codec_map = MAP
     room = None
     service = None
 
@@ -73,11 +80,11 @@ async def test_routes(dist: Path) -> None:
         assert (config["relayUrls"], config["roomId"], config["appId"]) == (["ws://127.0.0.1:9/"], "r1", "app")
         assert config["passwordRequired"] is False
         maps = await (await client.get("/.well-known/codec/index.json")).json()
-        assert maps["maps"] == [{"id": _Info.map_id, "url": f"/.well-known/codec/maps/{_Info.map_id}.json",
-                                 "hash": _Info.map_hash}]
-        doc = await client.get(f"/.well-known/codec/maps/{_Info.map_id}.json")
+        assert maps["maps"] == [{"id": MAP.map_id, "url": f"/.well-known/codec/maps/{MAP.map_id}.json",
+                                 "hash": MAP.map_hash}]
+        doc = await client.get(f"/.well-known/codec/maps/{MAP.map_id}.json")
         assert doc.status == 200 and await doc.read() == MAP_BYTES
-        assert doc.headers["Codec-Tokenizer-Map"] == _Info.map_hash
+        assert doc.headers["Codec-Tokenizer-Map"] == MAP.map_hash
         assert (await client.get("/.well-known/codec/maps/qwen/qwen2.json")).status == 404
 
 

@@ -1,0 +1,391 @@
+"""SlotDecoder: a Llama/Qwen2-style decoder forward over a preallocated slot KV cache.
+
+It runs decoders (embedding, RMSNorm, rotary, grouped-query attention, SiLU MLP) directly from the
+transformers module's parameters. q/k/v and gate/up projections are fused into one matrix each
+(the module's own weights become views of them, so no memory is duplicated and the transformers
+model stays usable). The cache is one tensor ``[layers, slots, 2, kv_heads, max_len + 1, head_dim]``;
+column ``max_len`` is a scratch column where idle slots "decode", so an idle row never touches a
+real position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812 - the usual alias
+
+from meshnode.errors import ModelError
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "SlotDecoder", "supports_model"]
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+"""``config.model_type`` values whose decoder layers :class:`SlotDecoder` can run."""
+
+
+def supports_model(model: Any) -> str | None:
+    """Return why :class:`SlotDecoder` cannot run ``model``, or ``None`` when it can."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model type {model_type!r} is not one of {SUPPORTED_MODEL_TYPES}"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r} is not silu"
+    layer_types = getattr(config, "layer_types", None) or []
+    if any(kind != "full_attention" for kind in layer_types):
+        return "sliding-window layers are not supported"
+    if getattr(config, "use_sliding_window", False) or (
+        model_type == "mistral" and getattr(config, "sliding_window", None)
+    ):
+        return "sliding-window attention is not supported"
+    if getattr(config, "mlp_bias", False):
+        return "MLP biases are not supported"
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    if rotary is None or not hasattr(rotary, "inv_freq"):
+        return "no rotary embedding with inv_freq"
+    rope_type = getattr(rotary, "rope_type", "default")
+    if "dynamic" in str(rope_type):
+        return f"rope type {rope_type!r} changes with the sequence length"
+    return None
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as transformers' Llama/Qwen2 compute it (float32 statistics)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add followed by RMSNorm: returns ``(x + delta, norm(x + delta))``."""
+    x = x + delta
+    return x, _rms_norm(x, weight, eps)
+
+
+def _rope_split(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split fused q/k/v, rotate q and k.
+
+    Args:
+        qkv: ``[..., (heads + 2 kv_heads) * head_dim]``.
+        cos: ``[..., 1, head_dim]`` (model dtype).
+        sin: Same as ``cos``.
+        heads: Query heads.
+        kv_heads: Key/value heads.
+
+    Returns:
+        ``(q, kv)``: ``[..., heads, head_dim]`` and ``[..., 2, kv_heads, head_dim]``.
+    """
+    dim = cos.shape[-1]
+    qk = qkv[..., : (heads + kv_heads) * dim].unflatten(-1, (heads + kv_heads, dim))
+    v = qkv[..., (heads + kv_heads) * dim :].unflatten(-1, (kv_heads, dim))
+    half = dim // 2
+    rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
+    qk = qk * cos + rotated * sin
+    return qk[..., :heads, :], torch.stack((qk[..., heads:, :], v), dim=-3)
+
+
+def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up for a fused ``[..., 2 * intermediate]`` projection."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One decoder layer's (fused) parameters."""
+
+    norm_in: torch.Tensor
+    qkv_weight: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    out_weight: torch.Tensor
+    out_bias: torch.Tensor | None
+    norm_mlp: torch.Tensor
+    gate_up_weight: torch.Tensor
+    down_weight: torch.Tensor
+
+
+def _fuse(modules: Sequence[Any], attribute: str) -> torch.Tensor | None:
+    """Concatenate one parameter of several linear modules; repoint the modules at views of it."""
+    parts = [getattr(m, attribute) for m in modules]
+    if all(p is None for p in parts):
+        return None
+    if any(p is None for p in parts):
+        raise ModelError(f"some projections have a {attribute} and some do not")
+    fused = torch.cat([p.detach() for p in parts], dim=0)
+    start = 0
+    for module, part in zip(modules, parts, strict=True):
+        view = fused[start : start + part.shape[0]]
+        setattr(module, attribute, torch.nn.Parameter(view, requires_grad=False))
+        start += part.shape[0]
+    return fused
+
+
+class SlotDecoder:
+    """A Llama/Qwen2 decoder forward over a slot KV cache, driven by a transformers model's weights.
+
+    The model's q/k/v and gate/up weights are fused in place (its modules keep working, on views).
+    Everything here runs on the model's device and dtype; the sampler is separate
+    (:func:`sample_rows`).
+    """
+
+    def __init__(self, model: Any, *, slots: int, max_len: int) -> None:
+        """Wrap ``model`` and allocate the KV cache.
+
+        Args:
+            model: A supported transformers causal LM (see :func:`supports_model`).
+            slots: Cache rows (concurrent streams).
+            max_len: Positions per row (a scratch column is added).
+
+        Raises:
+            ModelError: The model is not supported.
+        """
+        reason = supports_model(model)
+        if reason is not None:
+            raise ModelError(f"SlotDecoder cannot run this model: {reason}")
+        config = model.config
+        inner = model.model
+        self.heads = int(config.num_attention_heads)
+        self.kv_heads = int(getattr(config, "num_key_value_heads", None) or self.heads)
+        self.head_dim = int(
+            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        )
+        self.hidden = int(config.hidden_size)
+        self.eps = float(config.rms_norm_eps)
+        self.slots = slots
+        self.max_len = max_len
+        self.scratch = max_len
+        """Cache column idle rows write to (never read by a real row)."""
+        self.embed = inner.embed_tokens.weight
+        self.final_norm = inner.norm.weight
+        self.lm_head = model.lm_head.weight
+        self.vocab = int(self.lm_head.shape[0])
+        self.device = self.embed.device
+        self.dtype = self.embed.dtype
+        with torch.no_grad():
+            self.layers = [self._fuse_layer(layer) for layer in inner.layers]
+            rotary = inner.rotary_emb
+            scale = float(getattr(rotary, "attention_scaling", 1.0))
+            positions = torch.arange(max_len + 1, device=self.device, dtype=torch.float32)
+            freqs = positions[:, None] * rotary.inv_freq.to(self.device, torch.float32)[None, :]
+            angles = torch.cat((freqs, freqs), dim=-1)
+            self.cos = (angles.cos() * scale).to(self.dtype)
+            self.sin = (angles.sin() * scale).to(self.dtype)
+        self.kv = torch.zeros(
+            len(self.layers),
+            slots,
+            2,
+            self.kv_heads,
+            max_len + 1,
+            self.head_dim,
+            device=self.device,
+            dtype=self.dtype,
+        )
+        """The cache: ``[layers, slots, k/v, kv_heads, max_len + 1, head_dim]``."""
+        self.rows = torch.arange(slots, device=self.device)
+        # Elementwise helpers; replaced by compiled versions in :meth:`compile`.
+        self.norm: Callable[..., Any] = _rms_norm
+        self.add_norm: Callable[..., Any] = _add_rms_norm
+        self.rope: Callable[..., Any] = _rope_split
+        self.silu_mul: Callable[..., Any] = _silu_mul
+
+    @staticmethod
+    def kv_bytes_per_position(model: Any) -> int:
+        """KV-cache bytes one position of one row takes for ``model`` (all layers, k and v)."""
+        config = model.config
+        heads = int(config.num_attention_heads)
+        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        element = next(model.parameters()).element_size()
+        return int(config.num_hidden_layers) * 2 * kv_heads * head_dim * element
+
+    def _fuse_layer(self, layer: Any) -> _Layer:
+        attention, mlp = layer.self_attn, layer.mlp
+        qkv = (attention.q_proj, attention.k_proj, attention.v_proj)
+        return _Layer(
+            norm_in=layer.input_layernorm.weight,
+            qkv_weight=_fuse(qkv, "weight"),  # type: ignore[arg-type]
+            qkv_bias=_fuse(qkv, "bias"),
+            out_weight=attention.o_proj.weight,
+            out_bias=attention.o_proj.bias,
+            norm_mlp=layer.post_attention_layernorm.weight,
+            gate_up_weight=_fuse((mlp.gate_proj, mlp.up_proj), "weight"),  # type: ignore[arg-type]
+            down_weight=mlp.down_proj.weight,
+        )
+
+    def compile(self) -> None:
+        """Use ``torch.compile``d elementwise helpers (dynamic shapes; call before capturing)."""
+        options = {"dynamic": True, "fullgraph": True}
+        self.norm = torch.compile(_rms_norm, **options)
+        self.add_norm = torch.compile(_add_rms_norm, **options)
+        self.rope = torch.compile(_rope_split, **options)
+        self.silu_mul = torch.compile(_silu_mul, **options)
+
+    def uncompile(self) -> None:
+        """Back to the eager elementwise helpers."""
+        self.norm, self.add_norm, self.rope, self.silu_mul = _rms_norm, _add_rms_norm, _rope_split, _silu_mul
+
+    # -- decode ------------------------------------------------------------------------------------
+
+    def decode(
+        self, tokens: torch.Tensor, positions: torch.Tensor, length: int, logits_out: torch.Tensor
+    ) -> torch.Tensor:
+        """One decode step for slots ``0..B-1`` (no host synchronisation; graph-capturable).
+
+        Args:
+            tokens: ``[B]`` input ids (slot ``i`` is row ``i``).
+            positions: ``[B]`` where each row's token goes (``scratch`` for idle rows).
+            length: Attention reads cache columns ``0..length-1`` (must exceed every real position).
+            logits_out: ``[B, V]`` buffer that receives the logits.
+
+        Returns:
+            ``logits_out``.
+        """
+        batch = tokens.shape[0]
+        rows = self.rows[:batch]
+        x = F.embedding(tokens, self.embed)
+        cos = self.cos[positions][:, None, :]
+        sin = self.sin[positions][:, None, :]
+        columns = torch.arange(length, device=self.device)
+        mask = (columns[None, :] <= positions[:, None])[:, None, None, :]
+        group = self.heads // self.kv_heads
+        h = self.norm(x, self.layers[0].norm_in, self.eps)
+        for index, layer in enumerate(self.layers):
+            qkv = F.linear(h, layer.qkv_weight, layer.qkv_bias)
+            q, kv = self.rope(qkv, cos, sin, self.heads, self.kv_heads)
+            cache = self.kv[index]
+            cache[rows, :, :, positions] = kv
+            keys = cache[:batch, 0, :, :length]
+            values = cache[:batch, 1, :, :length]
+            # GQA without repeating the cache: a kv head's query heads act as its query "length".
+            attended = F.scaled_dot_product_attention(
+                q.reshape(batch, self.kv_heads, group, self.head_dim), keys, values, attn_mask=mask
+            )
+            out = F.linear(attended.reshape(batch, self.heads * self.head_dim), layer.out_weight, layer.out_bias)
+            x, h = self.add_norm(x, out, layer.norm_mlp, self.eps)
+            mlp = F.linear(self.silu_mul(F.linear(h, layer.gate_up_weight)), layer.down_weight)
+            following = (
+                self.layers[index + 1].norm_in if index + 1 < len(self.layers) else self.final_norm
+            )
+            x, h = self.add_norm(x, mlp, following, self.eps)
+        torch.mm(h, self.lm_head.t(), out=logits_out)
+        return logits_out
+
+    # -- prefill -----------------------------------------------------------------------------------
+
+    def prefill(
+        self, tokens: torch.Tensor, slots: torch.Tensor, starts: Sequence[int], lengths: Sequence[int]
+    ) -> torch.Tensor:
+        """Run prompt chunks of several rows, write their KV, return each row's last logits.
+
+        Args:
+            tokens: ``[P, T]`` chunk ids, right-padded.
+            slots: ``[P]`` cache rows.
+            starts: Position of each chunk's first token (tokens before it are already cached).
+            lengths: Valid tokens of each chunk (``1..T``).
+
+        Returns:
+            ``[P, V]`` logits at each chunk's last valid token.
+        """
+        length_t = torch.tensor(list(lengths), device=self.device)
+        if not any(starts):
+            out = torch.empty(tokens.shape[0], self.vocab, device=self.device, dtype=self.dtype)
+            return self.prefill_fresh(tokens, slots, length_t, out)
+        return self._prefill_continued(tokens, slots, starts, lengths, length_t)
+
+    def prefill_fresh(
+        self, tokens: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor, logits_out: torch.Tensor
+    ) -> torch.Tensor:
+        """First chunks of prompts (positions from 0); no host synchronisation, graph-capturable.
+
+        Args:
+            tokens: ``[P, T]`` ids, right-padded.
+            slots: ``[P]`` cache rows.
+            lengths: ``[P]`` valid tokens per row; a row of length 0 is padding (it writes only
+                the scratch column of its slot and its logits are garbage).
+            logits_out: ``[P, V]`` buffer for the logits at each row's last valid token.
+
+        Returns:
+            ``logits_out``.
+        """
+        count, width = tokens.shape
+        offsets = torch.arange(width, device=self.device)
+        positions = torch.where(offsets[None, :] < lengths[:, None], offsets[None, :], self.scratch)
+        x = F.embedding(tokens, self.embed)
+        cos = self.cos[positions][:, :, None, :]
+        sin = self.sin[positions][:, :, None, :]
+        slot_rows = slots[:, None].expand(count, width)
+        h = _rms_norm(x, self.layers[0].norm_in, self.eps)
+        for index, layer in enumerate(self.layers):
+            qkv = F.linear(h, layer.qkv_weight, layer.qkv_bias)
+            q, kv = _rope_split(qkv, cos, sin, self.heads, self.kv_heads)
+            self.kv[index][slot_rows, :, :, positions] = kv
+            # A first chunk attends to itself only: causal attention over its own keys (padding
+            # sits at the end, after every real query).
+            attended = F.scaled_dot_product_attention(
+                q.transpose(1, 2),
+                kv[:, :, 0].transpose(1, 2),
+                kv[:, :, 1].transpose(1, 2),
+                is_causal=True,
+                enable_gqa=True,
+            )
+            x, h = self._prefill_tail(index, layer, x, attended, count, width)
+        last = h[torch.arange(count, device=self.device), lengths - 1]
+        torch.mm(last, self.lm_head.t(), out=logits_out)
+        return logits_out
+
+    def _prefill_tail(
+        self, index: int, layer: _Layer, x: torch.Tensor, attended: torch.Tensor, count: int, width: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output projection, MLP and the next norm of one prefill layer."""
+        attended = attended.transpose(1, 2).reshape(count, width, self.heads * self.head_dim)
+        out = F.linear(attended, layer.out_weight, layer.out_bias)
+        x, h = _add_rms_norm(x, out, layer.norm_mlp, self.eps)
+        mlp = F.linear(_silu_mul(F.linear(h, layer.gate_up_weight)), layer.down_weight)
+        following = self.layers[index + 1].norm_in if index + 1 < len(self.layers) else self.final_norm
+        return _add_rms_norm(x, mlp, following, self.eps)
+
+    def _prefill_continued(
+        self,
+        tokens: torch.Tensor,
+        slots: torch.Tensor,
+        starts: Sequence[int],
+        lengths: Sequence[int],
+        length_t: torch.Tensor,
+    ) -> torch.Tensor:
+        """Later chunks of long prompts: attend to the cached prefix too (eager)."""
+        count, width = tokens.shape
+        device = self.device
+        offsets = torch.arange(width, device=device)
+        start_t = torch.tensor(list(starts), device=device)
+        valid = offsets[None, :] < length_t[:, None]
+        positions = torch.where(valid, start_t[:, None] + offsets[None, :], self.scratch)
+        x = F.embedding(tokens, self.embed)
+        cos = self.cos[positions][:, :, None, :]
+        sin = self.sin[positions][:, :, None, :]
+        span = max(s + n for s, n in zip(starts, lengths, strict=True))
+        columns = torch.arange(span, device=device)
+        mask = (columns[None, None, :] <= positions[:, :, None])[:, None, :, :]
+        slot_rows = slots[:, None].expand(count, width)
+        h = _rms_norm(x, self.layers[0].norm_in, self.eps)
+        for index, layer in enumerate(self.layers):
+            qkv = F.linear(h, layer.qkv_weight, layer.qkv_bias)
+            q, kv = _rope_split(qkv, cos, sin, self.heads, self.kv_heads)
+            cache = self.kv[index]
+            cache[slot_rows, :, :, positions] = kv
+            window = cache.narrow(3, 0, span).index_select(0, slots)
+            attended = F.scaled_dot_product_attention(
+                q.transpose(1, 2), window[:, 0], window[:, 1], attn_mask=mask, enable_gqa=True
+            )
+            x, h = self._prefill_tail(index, layer, x, attended, count, width)
+        last = h[torch.arange(count, device=device), length_t - 1]
+        return F.linear(last, self.lm_head)
+
+    def move_row(self, source: int, target: int, used: int) -> None:
+        """Copy the first ``used`` cached positions of row ``source`` into row ``target``."""
+        self.kv[:, target, :, :, :used].copy_(self.kv[:, source, :, :, :used])

@@ -1,0 +1,68 @@
+"""open_backend: the configured model, loaded and served by the right local engine."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from meshnode.generation.engine import Engine
+from meshnode.generation.local import LocalBackend
+from meshnode.generation.modelinfo import ModelInfo
+from meshnode.generation.text import HFText
+from meshnode.settings import EngineSettings, ModelSettings
+
+__all__ = ["AUTO_MAX_CONCURRENT", "AUTO_MAX_CONCURRENT_CUDA", "open_backend", "resolve_max_concurrent"]
+
+logger = logging.getLogger(__name__)
+
+AUTO_MAX_CONCURRENT = 8
+"""engine.max_concurrent = 0 on CPU/MPS: the batch step time grows with rows there."""
+AUTO_MAX_CONCURRENT_CUDA = 64
+"""engine.max_concurrent = 0 on the CUDA engine: 64 streams kept TTFT p95 at 40 ms on an H100
+(0.5B shape, bench/results/gpu_qwen05b.json); the engine lowers it if the KV cache does not fit."""
+
+
+def resolve_max_concurrent(configured: int, cuda_engine: bool) -> int:
+    """engine.max_concurrent, with 0 (auto) replaced by the default for the engine in use."""
+    if configured:
+        return configured
+    return AUTO_MAX_CONCURRENT_CUDA if cuda_engine else AUTO_MAX_CONCURRENT
+
+
+def build_engine(loaded: Any, engine: EngineSettings, *, progress: bool = True) -> Engine:
+    """The engine for a loaded model: the CUDA engine where it supports the model, else torch."""
+    from meshnode.generation.torch_backend import TorchEngine  # noqa: PLC0415 - torch loads here
+
+    limits: dict[str, Any] = {"max_queue": engine.max_queue, "max_prompt_tokens": engine.max_prompt_tokens,
+                              "max_tokens_limit": engine.max_tokens, "max_batch_tokens": engine.max_batch_tokens}
+    if loaded.device.type == "cuda":
+        from meshnode.generation.cuda.backend import CudaEngine  # noqa: PLC0415
+        from meshnode.generation.cuda.decoder import supports_model  # noqa: PLC0415
+
+        if supports_model(loaded.model) is None:
+            # Its KV cache is preallocated per slot: admission is by free slot, not a token sum.
+            limits.update(max_batch_tokens=0, progress=progress,
+                          max_concurrent=resolve_max_concurrent(engine.max_concurrent, cuda_engine=True))
+            return CudaEngine.from_loaded(loaded, **limits)
+    limits["max_concurrent"] = resolve_max_concurrent(engine.max_concurrent, cuda_engine=False)
+    return TorchEngine.from_loaded(loaded, **limits)
+
+
+@contextlib.asynccontextmanager
+async def open_backend(model: ModelSettings, engine: EngineSettings, *, progress: bool = True
+                       ) -> AsyncIterator[LocalBackend]:
+    """Load the configured model (converting the embedded one on first use) and serve it."""
+    from meshnode.generation.models import resolve_model  # noqa: PLC0415 - torch loads here
+
+    loaded = await asyncio.to_thread(resolve_model, model.model, cache_dir=Path(model.cache_dir) if model.cache_dir
+                                     else None, device=model.device, dtype=model.dtype, progress=progress)
+    backend = LocalBackend(build_engine(loaded, engine, progress=progress), HFText(loaded.tokenizer, loaded.model_id),
+                           ModelInfo(model_id=loaded.model_id, tokenizer=loaded.tokenizer))
+    try:
+        yield backend
+    finally:
+        await backend.close()
