@@ -2,11 +2,11 @@
 
 One embedded-model engine (SmolLM2-135M-Instruct, CPU) serves both paths:
 
-* **local**: ``engine.encode_chat`` + ``engine.generate`` (greedy) → the first chunk with ids;
+* **local**: the backend ``meshnode join`` serves (tokenize + generate, greedy) → the first chunk with ids;
 * **mesh**, per strategy (ws-relay, mqtt on loopback relays started like the tests do): a
-  ``Node`` serves a room; a Python asker (``meshnode.legion.client`` building blocks: ``find_server``,
-  ``ToolClient``, the HELLO envelope) stays joined and, per request, sends HELLO + ``tc
-  engine_run`` and waits for the first DATA frame carrying ids. Also recorded: the node's own
+  ``Node`` serves a room; a Python asker (:class:`meshnode.legion.client.LegionClient`) stays
+  joined and, per request, sends HELLO + ``tc engine_run`` and waits for the first DATA frame
+  carrying ids. Also recorded: the node's own
   ``ttft_ms`` from the tool result (prompt encode + queue + prefill + first decode, node side),
   and per request the difference asker TTFT − node TTFT: the time spent in transit (HELLO + call
   to the node, first DATA frame back), which host load does not skew the way it skews TTFT.
@@ -43,22 +43,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from meshnode.legion.client import ToolClient, find_server, new_call_id  # noqa: E402
 from meshnode.cli.config import load_settings  # noqa: E402
-from meshnode.generation.api import SamplingParams  # noqa: E402
-from meshnode.generation.torch_backend import TorchEngine  # noqa: E402
-from meshnode.generation.models import resolve_model  # noqa: E402
-from meshnode.node.node import Node, room_config  # noqa: E402
+from meshnode.generation.api import Prompt, SamplingParams  # noqa: E402
+from meshnode.generation.factory import open_backend  # noqa: E402
+from meshnode.legion.client import LegionClient  # noqa: E402
+from meshnode.node.assembly import room_config  # noqa: E402
+from meshnode.node.node import Node  # noqa: E402
 from meshnode.room import Room  # noqa: E402
-from meshnode.wire.envelopes import (
-    DATA,
-    END,
-    HELLO,
-    Envelope,
-    decode_cf_payload,
-    encode_envelope,
-)  # noqa: E402
-from meshnode.wire.frames import CodecFrame, decode_frame  # noqa: E402
 from tests import relays  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "ttft_mesh.json"
@@ -84,18 +75,17 @@ def relay_for(strategy: str) -> Iterator[str]:
 class MeshPath:
     """A node and a joined asker for one strategy."""
 
-    def __init__(self, strategy: str, url: str, engine: TorchEngine) -> None:
+    def __init__(self, strategy: str, url: str, backend: Any) -> None:
         self.strategy = strategy
         self.settings, _ = load_settings(None, env={}, flags={
             ("room", "strategy"): strategy, ("room", "relays"): [url], ("room", "room"): f"ttft-{strategy}",
-            ("room", "app_id"): f"meshnode-bench-{os.getpid()}", ("webrtc", "ice_servers"): [], ("webrtc", "host_addresses"): ["127.0.0.1"]})
-        self.node = Node(self.settings, engine, room_overrides=LOOPBACK)
+            ("room", "app_id"): f"meshnode-bench-{os.getpid()}", ("webrtc", "ice_servers"): [],
+            ("webrtc", "host_addresses"): ["127.0.0.1"]})
+        self.node = Node(self.settings, backend, room_overrides=LOOPBACK)
         self.stop = asyncio.Event()
         self.serving: asyncio.Task[None] | None = None
         self.asker: Room | None = None
-        self.tools: ToolClient | None = None
-        self.reader: asyncio.Task[None] | None = None
-        self.frames: Any = None
+        self.client: LegionClient | None = None
         self.peer_id = ""
         self.join_seconds = 0.0
 
@@ -105,16 +95,13 @@ class MeshPath:
             await self.node.started.wait()
         started = time.perf_counter()
         self.asker = await Room.join(room_config(self.settings, **LOOPBACK))
-        self.frames = self.asker.make_action("cf")
-        self.tools = ToolClient(self.asker)
-        self.reader = asyncio.create_task(self.tools.run())
-        self.peer_id, _ = await find_server(self.asker, self.asker.make_action("cap"), TIMEOUT_S)
+        self.client = LegionClient(self.asker, negotiate=True, compression=["identity"]).start()
+        self.peer_id, _ = await self.client.find_server(TIMEOUT_S)
         self.join_seconds = time.perf_counter() - started
 
     async def close(self) -> None:
-        if self.reader is not None:
-            self.reader.cancel()
-            await asyncio.gather(self.reader, return_exceptions=True)
+        if self.client is not None:
+            await self.client.aclose()
         if self.asker is not None:
             await self.asker.leave()
         self.stop.set()
@@ -122,44 +109,24 @@ class MeshPath:
             await asyncio.wait_for(self.serving, 30)
 
     async def ask(self, prompt: str, max_tokens: int) -> dict[str, Any]:
-        assert self.tools is not None
-        call_id = new_call_id()
-        hello = Envelope(kind=HELLO, stream_id=call_id, seq=0,
-                         body={"codec_version": 1, "accept_compression": ["identity"], "intent": "chat"})
-        started = time.perf_counter()
-        await self.frames.send(encode_envelope(hello), target=self.peer_id)
-        args = {"user": prompt, "max_tokens": max_tokens, "temperature": 0}
-        call = asyncio.create_task(self.tools.call(self.peer_id, "engine_run", args, call_id, TIMEOUT_S))
-        first: float | None = None
-        tokens = 0
-        async with asyncio.timeout(TIMEOUT_S):
-            while True:
-                message = await self.frames.receive()
-                if message.peer_id != self.peer_id or not isinstance(message.payload, bytes):
-                    continue
-                decoded = decode_cf_payload(message.payload)
-                if isinstance(decoded, CodecFrame) or decoded.stream_id != call_id:
-                    continue
-                if decoded.kind == DATA and isinstance(decoded.body, bytes):
-                    frame = decode_frame(decoded.body)
-                    if frame.ids and first is None:
-                        first = time.perf_counter() - started
-                    tokens += len(frame.ids)
-                elif decoded.kind == END:
-                    break
-        result = await call
-        content = (result.result or {}).get("content", {})
-        return {"ttft_s": first, "total_s": time.perf_counter() - started, "tokens": tokens,
-                "node_ttft_s": None if content.get("ttft_ms") is None else content["ttft_ms"] / 1000,
-                "status": result.status}
+        assert self.client is not None
+        started = time.monotonic()  # the HELLO / READY round trip counts, as for a real asker
+        record = await self.client.call(self.peer_id, {"user": prompt, "max_tokens": max_tokens, "temperature": 0},
+                                        timeout=TIMEOUT_S)
+        ttft_ms = record.content.get("ttft_ms")
+        return {"ttft_s": None if record.first_at is None else record.first_at - started,
+                "total_s": time.monotonic() - started, "tokens": len(record.ids),
+                "node_ttft_s": None if ttft_ms is None else ttft_ms / 1000,
+                "status": record.result.status if record.result is not None else "none"}
 
 
-async def local_ttft(engine: TorchEngine, prompt: str, max_tokens: int) -> dict[str, Any]:
+async def local_ttft(backend: Any, prompt: str, max_tokens: int) -> dict[str, Any]:
     started = time.perf_counter()
-    ids = engine.encode_chat([{"role": "user", "content": prompt}])
     first: float | None = None
     tokens = 0
-    async with engine.generate(ids, SamplingParams(temperature=0, max_tokens=max_tokens)) as stream:
+    stream = await backend.start(Prompt.chat([{"role": "user", "content": prompt}]),
+                                 SamplingParams(temperature=0, max_tokens=max_tokens))
+    async with stream:
         async for chunk in stream:
             if chunk.ids and first is None:
                 first = time.perf_counter() - started
@@ -176,7 +143,7 @@ def summarise(values: list[float | None]) -> dict[str, float] | None:
 
 
 @contextlib.asynccontextmanager
-async def mesh_paths(strategies: list[str], engine: TorchEngine) -> AsyncIterator[dict[str, MeshPath]]:
+async def mesh_paths(strategies: list[str], engine: Any) -> AsyncIterator[dict[str, MeshPath]]:
     with contextlib.ExitStack() as relays_stack:
         urls = {s: relays_stack.enter_context(relay_for(s)) for s in strategies}
         paths: dict[str, MeshPath] = {}
@@ -193,10 +160,10 @@ async def mesh_paths(strategies: list[str], engine: TorchEngine) -> AsyncIterato
 
 
 async def bench(strategies: list[str], runs: int, max_tokens: int, warmup: int) -> dict[str, Any]:
-    loaded = await asyncio.to_thread(resolve_model, None, device="cpu", dtype="bfloat16", progress=False)
-    engine = TorchEngine.from_loaded(loaded, max_concurrent=4)
+    settings, _ = load_settings(None, env={}, flags={("model", "device"): "cpu", ("engine", "max_concurrent"): 4})
     samples: dict[str, list[dict[str, Any]]] = {"local": [], **{s: [] for s in strategies}}
-    async with engine, mesh_paths(strategies, engine) as paths:
+    async with open_backend(settings.model, settings.engine, progress=False) as engine, \
+            mesh_paths(strategies, engine) as paths:
         joins = {s: p.join_seconds for s, p in paths.items()}
         for i in range(warmup + runs):
             prompt = PROMPTS[i % len(PROMPTS)]

@@ -101,7 +101,8 @@ class TimedEngine:
     tokenizer = None
 
     def __init__(self, *, rate: float = 50.0, tokens: int = 64, max_concurrent: int = 64, max_queue: int = 0,
-                 max_batch_tokens: int = 0, fail_after: int = 3) -> None:
+                 max_batch_tokens: int = 0, fail_after: int = 3, max_prompt_tokens: int = 4096) -> None:
+        self.max_prompt_tokens = max_prompt_tokens
         self.rate = rate
         self.tokens = tokens
         self.max_concurrent = max_concurrent
@@ -131,6 +132,9 @@ class TimedEngine:
                 "max_queue": self.max_queue}
 
     def generate(self, prompt_ids: Sequence[int], params: Any) -> TimedStream:
+        if len(prompt_ids) > self.max_prompt_tokens:
+            raise AdmissionError(f"prompt has {len(prompt_ids)} tokens; this node's limit is {self.max_prompt_tokens}",
+                                 field="prompt")
         if len(self.streams) >= self.max_concurrent + self.max_queue:
             raise AdmissionError(f"busy: {len(self.streams)} streams running; retry later")
         count = min(self.tokens, int(getattr(params, "max_tokens", self.tokens)))

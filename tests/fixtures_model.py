@@ -28,3 +28,14 @@ def make_backend(loaded: Any, **limits: Any) -> Any:
 
     return LocalBackend(make_engine(loaded, **limits), HFText(loaded.tokenizer, loaded.model_id),
                         ModelInfo(model_id=loaded.model_id, tokenizer=loaded.tokenizer))
+
+
+async def local_text(backend: Any, prompt: str, max_tokens: int) -> str:
+    """What the backend answers to `prompt` greedily, generated in this process (the reference)."""
+    from meshnode.generation.api import Prompt, SamplingParams
+
+    stream = await backend.start(Prompt.chat([{"role": "user", "content": prompt}]),
+                                 SamplingParams(temperature=0, max_tokens=max_tokens))
+    async with stream:
+        ids = await stream.collect()
+    return str(backend.decode(ids))

@@ -189,7 +189,7 @@ async def unknown_actions(h: Hostile, node_room: Room, count: int = 200, size: i
     for i in range(count):
         await h.raw(h.chunk(f"junk{i % 50}", i, TAG_BINARY | TAG_JSON | TAG_LAST, bytes(size)))
     await h.room.ping(h.node_id, WAIT_SECONDS)  # the channel is ordered: everything before has arrived
-    backlog = node_room._backlog_bytes  # noqa: SLF001
+    backlog = node_room._backlog.bytes  # noqa: SLF001
     assert backlog <= node_room.config.max_backlog_bytes
     assert len(node_room._backlog) <= 16  # noqa: SLF001
     return {"messages": count, "bytes": count * size, "node_backlog_bytes": backlog,

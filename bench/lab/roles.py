@@ -32,6 +32,9 @@ from bench.lab.modes import MODES, SSE_ACTION, Mode, make_pacer, policy_for, str
 from bench.lab.source import DEFAULT_COMPLETION_PATH, Completion, ReplayEngine
 from meshnode.errors import FrameError, MeshError
 from meshnode.link.pacer import decode_mux_body
+from meshnode.generation.api import CodecMapInfo
+from meshnode.generation.local import LocalBackend
+from meshnode.generation.modelinfo import ModelInfo
 from meshnode.room import Room, RoomConfig
 from meshnode.transport.ice import IcePolicy, apply_ice_policy
 from meshnode.legion.service import LegionService, ServiceConfig
@@ -90,6 +93,9 @@ async def run_signal(args: argparse.Namespace) -> None:
 
 # -- node -------------------------------------------------------------------------------------------
 
+BENCH_MAP = CodecMapInfo(map_id="bench", map_hash="sha256:" + "0" * 64, data=b"{}")
+"""Replayed ids need no detokenizing at the node: a stand-in map."""
+
 
 class NodeTrial:
     """One trial on the (long-lived) node process: rooms, services, engine, pacer."""
@@ -102,7 +108,9 @@ class NodeTrial:
         self.room_count = int(command["rooms"])
         self.rate = float(command["rate"])
         self.tokens = int(command["tokens"])
-        self.engine: Any = real_engine or ReplayEngine(completion, rate=self.rate, tokens=self.tokens)
+        self.engine: Any = real_engine.engine if real_engine else ReplayEngine(completion, rate=self.rate,
+                                                                              tokens=self.tokens)
+        self.backend: Any = real_engine or LocalBackend(self.engine, self.engine, ModelInfo(self.engine.model_id, None))
         self.completion = completion
         self.pacer = (make_pacer(self.mode, budget=float(command["budget"]), rate=self.rate,
                                  headroom=float(command.get("headroom", 0.85))) if self.mode.paced else None)
@@ -114,7 +122,7 @@ class NodeTrial:
         if isinstance(self.engine, ReplayEngine):
             pieces = self.completion.pieces
             return pieces[index] if index < len(pieces) else f"<{token}>"
-        return str(self.engine.decode([token]))
+        return str(self.backend.decode([token]))
 
     async def start(self) -> str:
         self_id = secrets.token_hex(10)
@@ -126,8 +134,7 @@ class NodeTrial:
         for index, room in enumerate(self.rooms):
             policy = policy_for(self.mode, pacer=self.pacer, sse_action=room.make_action(SSE_ACTION),
                                 model_id=self.engine.model_id, piece=self.piece)
-            service = LegionService(room, self.engine, config=config, map_id="bench",
-                                    map_hash="sha256:" + "0" * 64, pacing=policy)
+            service = LegionService(room, self.backend, config=config, codec_map=BENCH_MAP, pacing=policy)
             room.on_peer_join(service.peer_joined)
             room.on_peer_leave(service.peer_left)
             self.services.append(service)
@@ -151,16 +158,19 @@ class NodeTrial:
 
 async def run_node(args: argparse.Namespace) -> None:
     """A node that serves one trial at a time, on commands from stdin (JSON lines)."""
-    import meshnode.generation.engine  # noqa: F401 - torch loads once here, not inside the first trial's stream
+    import meshnode.generation.torch_backend  # noqa: F401 - torch loads once here, not inside the first trial's stream
 
     completion = Completion.load(Path(args.completion))
     real_engine: Any = None
     if args.engine == "real":
-        from meshnode.generation.torch_backend import TorchEngine
+        from meshnode.generation.factory import build_engine
         from meshnode.generation.models import resolve_model
+        from meshnode.generation.text import HFText
+        from meshnode.settings import EngineSettings
 
         loaded = await asyncio.to_thread(resolve_model, None, device="cpu", progress=False)
-        real_engine = TorchEngine.from_loaded(loaded, max_concurrent=64, max_queue=256)
+        engine = build_engine(loaded, EngineSettings(max_concurrent=64, max_queue=256), progress=False)
+        real_engine = LocalBackend(engine, HFText(loaded.tokenizer), ModelInfo(loaded.model_id, loaded.tokenizer))
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     reader = await stdin_lines()

@@ -329,7 +329,7 @@ class Engine:
         if not prompt_ids:
             raise AdmissionError("prompt is empty", field="prompt")
         if len(prompt_ids) > self.max_prompt_tokens:
-            raise AdmissionError(f"prompt has {len(prompt_ids)} tokens; this node accepts at most "
+            raise AdmissionError(f"prompt has {len(prompt_ids)} tokens; this node's limit is "
                                  f"{self.max_prompt_tokens}", field="prompt")
         limit = self.backend.max_positions
         if limit is not None and len(prompt_ids) >= limit:

@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 CAP_GATHER_SECONDS = 1.0
 """After the first eligible cap, wait this long for others before choosing."""
 MAX_MAP_BYTES = 64 * 1024 * 1024
+JOIN_POLL_SECONDS = 0.05
 
 
 class AskError(MeshError):
@@ -126,14 +127,22 @@ class LegionClient:
         self._bare: dict[str, CallRecord] = {}  # peer id -> the one un-negotiated call streaming from it
         self._tasks = TaskOwner("legion-client")
 
-    async def __aenter__(self) -> Self:
-        self._tasks.spawn(self._read(self._cap, self._on_cap), "cap")
-        self._tasks.spawn(self._read(self._cf, self._on_cf), "cf")
-        self._tasks.spawn(self._read(self._tc, self._on_tc), "tc")
+    def start(self) -> Self:
+        """Start reading the room's cap / cf / tc messages (idempotent)."""
+        if not len(self._tasks):
+            self._tasks.spawn(self._read(self._cap, self._on_cap), "cap")
+            self._tasks.spawn(self._read(self._cf, self._on_cf), "cf")
+            self._tasks.spawn(self._read(self._tc, self._on_tc), "tc")
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def aclose(self) -> None:
         await self._tasks.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
     # -- reading -----------------------------------------------------------------------------------
 
@@ -247,6 +256,8 @@ class LegionClient:
     async def _call(self, record: CallRecord, tool: str, args: dict[str, Any], timeout: float) -> None:
         peer_id, call_id = record.peer_id, record.call_id
         async with asyncio.timeout(timeout):
+            while peer_id not in self.room.peers:  # messages to a peer that has not joined go nowhere
+                await asyncio.sleep(JOIN_POLL_SECONDS)
             if self.negotiate and record.streams:
                 hello = Envelope(kind=HELLO, stream_id=call_id, seq=0, body={
                     "codec_version": 1, "accept_compression": self.compression, **self.hello_extra})

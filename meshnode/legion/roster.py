@@ -49,6 +49,12 @@ class Roster:
         self.clock = clock
         self.entries: dict[str, RosterEntry] = {}
 
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, peer_id: object) -> bool:
+        return peer_id in self.entries
+
     def get(self, peer_id: str) -> RosterEntry | None:
         return self.entries.get(peer_id)
 

@@ -138,6 +138,11 @@ class Backlog(Generic[T]):
         self._by_name: dict[str, deque[tuple[str, T, int]]] = {}
         self._bytes = 0
 
+    @property
+    def bytes(self) -> int:
+        """Bytes kept now."""
+        return self._bytes
+
     def keep(self, name: str, sender: str, item: T, size: int) -> None:
         backlog = self._by_name.get(name)
         if backlog is None:

@@ -20,7 +20,7 @@ import pytest_asyncio
 from meshnode.cli.config import load_settings
 from meshnode.node.demo import Demo
 from tests.browser.test_legion_e2e import ClientTab, build_client
-from tests.fixtures_model import embedded_loaded, make_engine  # noqa: F401
+from tests.fixtures_model import embedded_loaded, make_backend  # noqa: F401
 
 from .conftest import ROOT
 
@@ -33,7 +33,7 @@ SCREENSHOT = ROOT / "docs" / "demo.png"
 async def demo(embedded_loaded: Any) -> AsyncIterator[Demo]:  # noqa: F811
     build_client()
     settings, _ = load_settings(None, env={}, flags={("engine", "default_max_tokens"): 24})
-    async with make_engine(embedded_loaded, max_concurrent=4) as engine:
+    async with make_backend(embedded_loaded, max_concurrent=4) as engine:
         # The CI namespace has only 127.0.0.1: gather exactly that (the CLI demo appends it).
         demo = Demo(settings, engine, host_addresses_mode="only")
         await demo.start()

@@ -32,7 +32,7 @@ from meshnode.cli.config import load_settings
 from meshnode.generation.api import SamplingParams
 from meshnode.wire.maps import Detokenizer
 from meshnode.node.node import Node
-from tests.fixtures_model import embedded_loaded, make_engine  # noqa: F401
+from tests.fixtures_model import embedded_loaded, local_text, make_backend  # noqa: F401
 
 from .conftest import RELAY_FIXTURES, ROOT, _failed, _unavailable
 
@@ -114,15 +114,6 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-async def local_text(engine: Any, prompt: str, max_tokens: int) -> str:
-    ids = engine.encode_chat([{"role": "user", "content": prompt}])
-    out: list[int] = []
-    async with engine.generate(ids, SamplingParams(temperature=0, max_tokens=max_tokens)) as stream:
-        async for chunk in stream:
-            out.extend(chunk.ids)
-    return str(engine.decode(out))
 
 
 async def until(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> None:
@@ -249,7 +240,7 @@ async def mesh(request: pytest.FixtureRequest, embedded_loaded: Any, browser: An
         ("room", "app_id"): "meshnode-e2e", ("webrtc", "ice_servers"): [], ("webrtc", "host_addresses"): ["127.0.0.1"], ("legion", "nick"): NODE_NICK,
         ("engine", "default_max_tokens"): MAX_TOKENS})
     async with contextlib.AsyncExitStack() as stack:
-        engine = make_engine(embedded_loaded, max_concurrent=4)
+        engine = make_backend(embedded_loaded, max_concurrent=4)
         await stack.enter_async_context(engine)
         node = Node(settings, engine, room_overrides=LOOPBACK)
         stop = asyncio.Event()
@@ -294,7 +285,7 @@ async def dump_on_failure(request: pytest.FixtureRequest) -> AsyncIterator[None]
         service = mesh.node.service
         if service is not None:
             print(f"node {mesh.node_id}: cancelled={service.cancelled_calls} completed={service.completed_calls} "
-                  f"roster={list(service.roster)} calls={list(service.calls)}")
+                  f"roster={list(service.roster.entries)} calls={list(service.calls)}")
 
 
 # ------------------------------------------------------------------------------------ tests
@@ -310,7 +301,7 @@ async def test_page_lists_the_node_and_its_cap_passes_the_guard(mesh: Mesh, tabs
     assert peer["nick"] == NODE_NICK and peer["modelId"] == mesh.engine.model_id
     assert peer["available"] is True and peer["engine"] is True
     assert set(peer["load"]) == {"active", "queued", "max"}
-    assert peer["mapId"] == mesh.node.info.map_id and peer["mapHash"] == mesh.node.info.map_hash
+    assert peer["mapId"] == mesh.node.codec_map.map_id and peer["mapHash"] == mesh.node.codec_map.map_hash
     # A stageHost block, a non-string nick or a bad tool are rejected by the page's guard.
     for bad in ({**cap, "nick": 5}, {**cap, "tools": [{"name": "x"}]}, {**cap, "stageHost": 1},
                 {**cap, "authoritative": [1]}, {**cap, "v": 2}):
@@ -329,7 +320,8 @@ async def test_page_lists_the_node_and_its_cap_passes_the_guard(mesh: Mesh, tabs
     assert service is not None
     bob_id = await bob.state("selfId")
     await until(lambda: bob_id in service.roster, 20, "the node to record bob's cap")
-    assert service.roster[bob_id].cap.available is False
+    entry = service.roster.get(bob_id)
+    assert entry is not None and entry.cap.available is False
 
 
 async def test_greedy_engine_run_from_the_ui_streams_to_the_asker_only(
@@ -487,11 +479,10 @@ async def test_page_detokenizer_matches_python(mesh: Mesh, tabs: tuple[ClientTab
     if mesh.strategy != STRATEGIES[0]:
         pytest.skip("strategy-independent; checked once")
     alice, _ = tabs
-    info = mesh.node.info
-    doc = info.map_document
+    doc = mesh.engine.info.map_document
     vocab_size = max(doc["vocab"].values()) + 1
     rng = random.Random(1234)
-    samples = [mesh.engine.encode_text("Ünïcødé ✓ — naïve café 北京 🙂 done"), list(range(0, 20))]
+    samples = [mesh.engine.text.encode_text("Ünïcødé ✓ — naïve café 北京 🙂 done"), list(range(0, 20))]
     samples += [[rng.randrange(vocab_size + 5) for _ in range(rng.randrange(1, 40))] for _ in range(30)]
     for ids in samples:
         cuts = sorted(rng.sample(range(1, len(ids)), min(len(ids) - 1, 4))) if len(ids) > 1 else []

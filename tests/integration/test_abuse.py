@@ -45,7 +45,7 @@ def app_id(request: pytest.FixtureRequest) -> str:
 
 
 def check_complete(record: CallRecord) -> None:
-    assert record.result is not None and record.result["status"] == "ok", record.result
+    assert record.result is not None and record.result.status == "ok", record.result
     assert record.ids == expected_ids(TOKENS)
     assert record.finish_reason == "length" and record.end_reason == "length"
 
@@ -160,13 +160,13 @@ async def test_real_model_honest_peer_under_flood(embedded_loaded: Any, request:
     """The one abuse test with the real model (embedded SmolLM2): each honest call runs while one
     attack happens (a 1000-call tc flood, a 60k-character prompt); the answers stay identical to the
     unattacked ones and TTFT / token rate stay within the bounds above."""
-    from tests.fixtures_model import make_engine
+    from tests.fixtures_model import make_backend
 
     hub = MemoryHub()
     settings = node_settings(app_id(request))
     attacks = {"tc_flood": hostile.tc_flood, "long_prompt": lambda h: hostile.long_prompt(h, chars=60_000)}
     async with asyncio.timeout(400):
-        engine = make_engine(embedded_loaded, max_concurrent=4)
+        engine = make_backend(embedded_loaded, max_concurrent=4)
         async with engine:
             running = await start_node(settings, engine, relays=[hub.relay()])
             rooms = []
@@ -196,7 +196,7 @@ async def test_real_model_honest_peer_under_flood(embedded_loaded: Any, request:
                 await running.shutdown()
     assert outcomes["tc_flood"]["dropped"] and outcomes["long_prompt"]["status"] == "error"
     for record in base + during:
-        assert record.result["status"] == "ok" and record.ids == base[0].ids
+        assert record.result is not None and record.result.status == "ok" and record.ids == base[0].ids
     ttft_base, ttft_during = median([r.ttft or 0 for r in base]), max(r.ttft or 0 for r in during)
     rate_base = median([r.tokens_per_second or 0 for r in base])
     rate_during = min(r.tokens_per_second or 0 for r in during)

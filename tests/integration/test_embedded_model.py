@@ -14,6 +14,7 @@ import time
 import pytest
 
 from meshnode.generation.api import SamplingParams
+from meshnode.generation.text import HFText
 from meshnode.generation.torch_backend import TorchEngine
 from meshnode.generation.models import EMBEDDED_MODEL_ID, LoadedModel, default_cache_dir, resolve_model
 
@@ -34,11 +35,12 @@ def loaded() -> LoadedModel:
 async def test_greedy_chat_is_english_about_entropy_and_stops_on_eos(loaded: LoadedModel) -> None:
     assert loaded.model_id == EMBEDDED_MODEL_ID
     assert 2 in loaded.eos_ids  # <|im_end|>
+    text_codec = HFText(loaded.tokenizer)
     async with asyncio.timeout(TIMEOUT_SECONDS), TorchEngine.from_loaded(loaded) as engine:
-        prompt = engine.encode_chat([{"role": "user", "content": "Explain entropy in one sentence."}])
+        prompt = text_codec.encode_chat([{"role": "user", "content": "Explain entropy in one sentence."}])
         stream = engine.generate(prompt, SamplingParams(temperature=0.0, max_tokens=120))
         ids = await stream.collect()
-    text = engine.decode(ids)
+    text = text_codec.decode(ids)
     assert stream.finish_reason == "stop", text
     assert stream.matched_stop == 2
     assert 10 <= len(ids) < 120

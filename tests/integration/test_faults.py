@@ -67,7 +67,7 @@ async def test_relay_dies_mid_stream_and_comes_back(wsrelay_server_fresh: Any, r
             await first_tokens(asker, call)
             await wsrelay_server_fresh.astop()  # fault: the only relay dies mid-stream
             record = await call
-            assert record.ids == expected_ids(100) and record.result["status"] == "ok"
+            assert record.ids == expected_ids(100) and record.result is not None and record.result.status == "ok"
             await wsrelay_server_fresh.arestart()
             b = await join_room(settings, relays=[fast(url)])  # a newcomer needs the relay back
             rooms.append(b)
@@ -189,10 +189,10 @@ async def test_sigterm_drains_streams_and_peers_see_leave(wsrelay_server: Any, r
             await left.wait()  # the node said goodbye (@_leave), not just vanished
             assert record.finish_reason == finish
             if finish == "length":
-                assert record.ids == expected_ids(tokens) and record.result["status"] == "ok"
+                assert record.ids == expected_ids(tokens) and record.result is not None and record.result.status == "ok"
             else:
-                assert record.ids == expected_ids(len(record.ids)) and record.result["status"] == "error"
-                assert "shutting down" in record.result["error"]
+                assert record.ids == expected_ids(len(record.ids)) and record.result is not None and record.result.status == "error"
+                assert "shutting down" in (record.result.error or "")
             out = (await process.stdout.read()).decode()
             assert await process.wait() == 0
             assert "STOPPED" in out

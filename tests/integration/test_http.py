@@ -12,9 +12,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from meshnode.http.requests import Limits
 from meshnode.http.server import CodecHttpApp
 from meshnode.wire.maps import Detokenizer, parse_map
-from meshnode.generation.modelinfo import ModelInfo
 from meshnode.wire.frames import StreamDecoder
-from tests.fixtures_model import embedded_loaded, make_engine  # noqa: F401
+from tests.fixtures_model import embedded_loaded, make_backend  # noqa: F401
 
 pytestmark = [pytest.mark.model, pytest.mark.integration]
 
@@ -22,10 +21,8 @@ PROMPT = {"messages": [{"role": "user", "content": "Name three colors."}], "max_
 
 
 async def _client(loaded: Any) -> tuple[TestClient, Any]:
-    engine = make_engine(loaded, max_concurrent=4, max_queue=2)
-    engine.start()
-    info = ModelInfo(model_id=loaded.model_id, tokenizer=loaded.tokenizer)
-    app = CodecHttpApp(engine, info, Limits(max_prompt_tokens=512, max_tokens=64)).make_app()
+    engine = make_backend(loaded, max_concurrent=4, max_queue=2, max_prompt_tokens=512)
+    app = CodecHttpApp(engine, Limits(max_tokens=64)).make_app()
     client = TestClient(TestServer(app, host="127.0.0.1"))
     await client.start_server()
     return client, engine

@@ -16,9 +16,10 @@ import pytest
 from meshnode.legion.client import ask
 from meshnode.cli.config import load_settings
 from meshnode.generation.api import SamplingParams
-from meshnode.node.node import Node, room_config
+from meshnode.node.assembly import room_config
+from meshnode.node.node import Node
 from meshnode.room import Room
-from tests.fixtures_model import embedded_loaded, make_engine  # noqa: F401
+from tests.fixtures_model import embedded_loaded, local_text, make_backend  # noqa: F401
 
 pytestmark = [pytest.mark.model, pytest.mark.integration]
 
@@ -33,25 +34,15 @@ def settings_for(strategy: str, url: str, room: str) -> Any:
     return settings
 
 
-async def local_text(engine: Any, max_tokens: int) -> str:
-    ids = engine.encode_chat([{"role": "user", "content": QUESTION}])
-    out: list[int] = []
-    async with engine.generate(ids, SamplingParams(temperature=0, max_tokens=max_tokens)) as stream:
-        async for chunk in stream:
-            out.extend(chunk.ids)
-    return str(engine.decode(out))
-
-
 @pytest.mark.parametrize("strategy", ["ws-relay", "mqtt"])
 async def test_ask_prints_what_the_node_generates(embedded_loaded: Any, strategy: str, wsrelay_server: Any,
                                                   mqtt_broker: Any, tmp_path: Path, request: Any) -> None:
     url = wsrelay_server.url if strategy == "ws-relay" else mqtt_broker.ws_url
     settings = settings_for(strategy, url, f"mesh-{request.node.name}")
     async with asyncio.timeout(120):
-        engine = make_engine(embedded_loaded, max_concurrent=4)
-        async with engine:
-            expected = await local_text(engine, 32)
-            node = Node(settings, engine, room_overrides=LOOPBACK)
+        async with make_backend(embedded_loaded, max_concurrent=4) as backend:
+            expected = await local_text(backend, QUESTION, 32)
+            node = Node(settings, backend, room_overrides=LOOPBACK)
             stop = asyncio.Event()
             serving = asyncio.create_task(node.run(stop, drain_seconds=2))
             await node.started.wait()

@@ -61,7 +61,7 @@ async def test_password_room_hides_signalling_from_the_relay(request: pytest.Fix
             asker = Asker(room, running.peer_id)
             record = await asker.call({"user": PROMPT, "max_tokens": 12})
             assert record.ids == expected_ids(12)
-            text = record.result["result"]["content"]["text"]
+            text = record.content["text"]
             await asker.close()
         finally:
             await room.leave()
