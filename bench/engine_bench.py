@@ -35,9 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from meshnode.generation.api import SamplingParams  # noqa: E402
-from meshnode.generation.torch_backend import TorchEngine  # noqa: E402
-from meshnode.generation.models import LoadedModel, cpu_has_native_bf16, resolve_model  # noqa: E402
+from meshnode.generation.api import SamplingParams
+from meshnode.generation.models import LoadedModel, cpu_has_native_bf16, resolve_model
+from meshnode.generation.torch_backend import TorchEngine
 
 QUESTIONS = [
     "Explain entropy in one sentence.",
@@ -145,7 +145,7 @@ def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
     same = total = 0
     for x, y in zip(a, b, strict=True):
         total += len(x)
-        for p, q in zip(x, y):
+        for p, q in zip(x, y, strict=False):
             if p != q:
                 break
             same += 1

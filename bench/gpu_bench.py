@@ -251,10 +251,9 @@ def _summarise(raw: dict[str, Any], concurrency: int, mode: str) -> dict[str, An
 
 
 async def bench_ours(model: Any, name: str, counts: list[int], modes: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    import torch
 
-    from meshnode.generation.cuda.backend import CudaEngine
     from meshnode.generation.api import SamplingParams
+    from meshnode.generation.cuda.backend import CudaEngine
 
     vocab = MODELS[name]["vocab_size"]
     _cuda().reset_peak_memory_stats()
@@ -284,8 +283,8 @@ async def bench_ours(model: Any, name: str, counts: list[int], modes: list[str],
         result["warmup_breakdown"] = dict(engine.warmup_breakdown)
         result["ready_after_s"] = _now() - built
         result["compiled"] = engine.use_compile
-        result["graphs"] = len(engine._graphs)  # noqa: SLF001 - bench
-        result["prefill_graphs"] = len(engine._prefill_graphs)  # noqa: SLF001 - bench
+        result["graphs"] = len(engine._graphs)
+        result["prefill_graphs"] = len(engine._prefill_graphs)
         result["memory_after_warmup_gib"] = _cuda().memory_allocated() / 2**30
         # A short run so first-use costs stay out of the numbers.
         await _stream_run(engine, make_prompts(4, vocab, 99), [0.0] * 4, SamplingParams(temperature=0.0, max_tokens=8))
@@ -350,9 +349,9 @@ def _graph_step_times(engine: Any) -> dict[str, float]:
     times: dict[str, float] = {}
     if DEVICE != "cuda":
         return times
-    length = next((n for n in engine._length_buckets if n >= 512), engine._length_buckets[-1])  # noqa: SLF001
-    for batch in engine._batch_buckets:  # noqa: SLF001 - bench
-        graph = engine._graphs.get((batch, length))  # noqa: SLF001
+    length = next((n for n in engine._length_buckets if n >= 512), engine._length_buckets[-1])
+    for batch in engine._batch_buckets:
+        graph = engine._graphs.get((batch, length))
         if graph is None:
             continue
         for _ in range(3):
@@ -499,7 +498,6 @@ def _guarded(args: argparse.Namespace, label: str, part: dict[str, Any], key: st
 
 
 def run_model(name: str, args: argparse.Namespace) -> None:
-    import torch
 
     part: dict[str, Any] = {"shape": MODELS[name]}
     RESULT["models"][name] = part
@@ -532,7 +530,7 @@ def run_model(name: str, args: argparse.Namespace) -> None:
         _guarded(args, f"{name} generate_batch x{requests}", baselines, f"generate_batch_{requests}",
                  lambda requests=requests: bench_generate_batch(model, name, requests, NEW_TOKENS))
         _cuda().empty_cache()
-    del model
+    model = None  # free it before the next shape
     gc.collect()
     _cuda().empty_cache()
 

@@ -34,10 +34,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from meshnode.room import Room, RoomConfig  # noqa: E402
-from signaling.adapters.memory import MemoryHub  # noqa: E402
-from signaling.protocol.names import gen_id  # noqa: E402
-from tests import relays  # noqa: E402
+from meshnode.room import Room, RoomConfig
+from signaling.adapters.memory import MemoryHub
+from signaling.protocol.names import gen_id
+from tests import relays
 
 STRATEGIES = ["memory", "ws-relay", "mqtt", "nostr", "torrent"]
 JOIN_TIMEOUT_SECONDS = 30.0

@@ -48,11 +48,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from meshnode.room import Room, RoomConfig  # noqa: E402
-from signaling.protocol.names import gen_id  # noqa: E402
-from tests import relays  # noqa: E402
-from tests.browser.conftest import CHROMIUM, CHROMIUM_FLAGS, WWW, Tab, loopback_only  # noqa: E402
-from tests.browser.conftest import _QuietHandler as QuietHandler  # noqa: E402
+from meshnode.room import Room, RoomConfig
+from signaling.protocol.names import gen_id
+from tests import relays
+from tests.browser.conftest import CHROMIUM, CHROMIUM_FLAGS, WWW, Tab, loopback_only
+from tests.browser.conftest import _QuietHandler as QuietHandler
 
 STRATEGIES = ["mqtt", "nostr", "torrent"]
 JOIN_TIMEOUT_SECONDS = 30.0
@@ -177,7 +177,7 @@ def summarise(values: list[float]) -> dict[str, float] | None:
 
 
 async def bench(strategies: list[str], runs: int, *, debug: bool = False) -> dict[str, Any]:
-    from playwright.async_api import async_playwright  # noqa: PLC0415 - optional dependency
+    from playwright.async_api import async_playwright
 
     results: dict[str, Any] = {}
     tmp = Path(tempfile.mkdtemp(prefix="meshnode-chromium-bench-"))

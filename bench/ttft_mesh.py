@@ -43,14 +43,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from meshnode.cli.config import load_settings  # noqa: E402
-from meshnode.generation.api import Prompt, SamplingParams  # noqa: E402
-from meshnode.generation.factory import open_backend  # noqa: E402
-from meshnode.legion.client import LegionClient  # noqa: E402
-from meshnode.node.assembly import room_config  # noqa: E402
-from meshnode.node.node import Node  # noqa: E402
-from meshnode.room import Room  # noqa: E402
-from tests import relays  # noqa: E402
+from meshnode.cli.config import load_settings
+from meshnode.generation.api import Prompt, SamplingParams
+from meshnode.generation.factory import open_backend
+from meshnode.legion.client import LegionClient
+from meshnode.node.assembly import room_config
+from meshnode.node.node import Node
+from meshnode.room import Room
+from tests import relays
 
 RESULTS = ROOT / "bench" / "results" / "ttft_mesh.json"
 STRATEGIES = ["ws-relay", "mqtt"]

@@ -16,13 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fuzz.targets import KEY  # noqa: E402
-from meshnode.wire import legion  # noqa: E402
-from meshnode.wire import roomframes as rf  # noqa: E402
-from meshnode.wire.envelopes import Envelope, encode_envelope  # noqa: E402
-from meshnode.wire.frames import CodecFrame, encode_frame  # noqa: E402
-from signaling.protocol import messages  # noqa: E402
-from signaling.protocol.sealing import Sealer  # noqa: E402
+from fuzz.targets import KEY
+from meshnode.wire import legion
+from meshnode.wire import roomframes as rf
+from meshnode.wire.envelopes import Envelope, encode_envelope
+from meshnode.wire.frames import CodecFrame, encode_frame
+from signaling.protocol import messages
+from signaling.protocol.sealing import Sealer
 
 SEEDS = ROOT / "fuzz" / "seeds"
 

@@ -23,7 +23,7 @@ from meshnode.wire.compression import StreamDecompressor
 from meshnode.wire.envelopes import EnvelopeReassembler, decode_cf_payload, decode_envelope
 from meshnode.wire.frames import StreamDecoder
 from signaling.protocol import messages
-from signaling.protocol.sealing import SealError, Sealer
+from signaling.protocol.sealing import Sealer, SealError
 
 Target = Callable[[bytes], None]
 KEY = bytes(range(32))
@@ -219,8 +219,8 @@ def _adapters() -> dict[str, Any]:
         tracker = TrackerClient("ws://127.0.0.1:9/")
         for relay in (ws, nostr, mqtt):
             relay.set_handler(topic_handler)
-            relay._topics["t"] = None  # noqa: SLF001 - subscribed, as after subscribe("t")
-        nostr._sent["s"] = ("t",)  # noqa: SLF001
+            relay._topics["t"] = None
+        nostr._sent["s"] = ("t",)
         tracker.set_handler(tracker_handler)
         _ADAPTERS.update(ws=ws, nostr=nostr, mqtt=mqtt, tracker=tracker)
     return _ADAPTERS
@@ -240,14 +240,14 @@ def relay_frames(data: bytes) -> None:
     """Inbound text frames of the ws-relay, Nostr and tracker sockets, and MQTT PUBLISH payloads."""
     adapters = _adapters()
     text = _text(data)
-    adapters["ws"]._on_text(text)  # noqa: SLF001 - the adapters' parsers never raise
-    adapters["nostr"]._on_text(text)  # noqa: SLF001
-    adapters["tracker"]._on_text(text)  # noqa: SLF001
-    adapters["mqtt"]._on_message(_MqttMessage("t", data))  # noqa: SLF001
+    adapters["ws"]._on_text(text)
+    adapters["nostr"]._on_text(text)
+    adapters["tracker"]._on_text(text)
+    adapters["mqtt"]._on_message(_MqttMessage("t", data))
     # Wrapped the way a relay would carry a hostile payload:
-    adapters["ws"]._on_text(json.dumps({"topic": "t", "payload": text}))  # noqa: SLF001
+    adapters["ws"]._on_text(json.dumps({"topic": "t", "payload": text}))
     event = {"id": "x", "content": text, "tags": [["x", "t"]]}
-    adapters["nostr"]._on_text(json.dumps(["EVENT", "s", event]))  # noqa: SLF001
+    adapters["nostr"]._on_text(json.dumps(["EVENT", "s", event]))
 
 
 # -- the whole inbound path of a serving node ----------------------------------------------------------
@@ -257,11 +257,11 @@ class _Pipeline:
     """A Room bound to one fake peer, and a LegionService reading its actions (no network)."""
 
     def __init__(self) -> None:
+        from meshnode.generation.api import CodecMapInfo
+        from meshnode.legion.service import LegionService, ServiceConfig
         from meshnode.room import Room, RoomConfig
         from meshnode.room.handshake import Binding
         from meshnode.room.mesh import AppMesh
-        from meshnode.legion.service import LegionService, ServiceConfig
-        from meshnode.generation.api import CodecMapInfo
         from tests.fakes import TimedEngine, fake_backend
 
         self.loop = asyncio.new_event_loop()
@@ -282,12 +282,12 @@ class _Pipeline:
                                 max_pending_bytes_per_peer=128_000, max_queued_messages_per_peer=16)
             room = Room(config, relays=[])
             mesh = AppMesh(room.self_id, "fuzz")
-            room._mesh = mesh  # noqa: SLF001 - wired by hand instead of Room.join
-            room._state = "joined"  # noqa: SLF001
+            room._mesh = mesh
+            room._state = "joined"
             mesh.rooms[room.token] = room
             link = FakeLink()
             mesh.live[self.peer] = link  # type: ignore[assignment]
-            room._bindings[self.peer] = Binding(peer_id=self.peer, link=link, joined=True)  # type: ignore[arg-type]  # noqa: SLF001
+            room._bindings[self.peer] = Binding(peer_id=self.peer, link=link, joined=True)  # type: ignore[arg-type]
             service = LegionService(room, fake_backend(TimedEngine(rate=1e6, tokens=3)),
                                     codec_map=CodecMapInfo(map_id="m", map_hash="sha256:0", data=b"{}"),
                                     config=ServiceConfig(nick="n", model_id="m", skills=[], authoritative=[],
@@ -298,15 +298,15 @@ class _Pipeline:
         self.mesh, self.service = self.loop.run_until_complete(build())
         self.room = next(iter(self.mesh.rooms.values()))
         self.link = self.mesh.live[self.peer]
-        self.handlers = {"cap": self.service._on_cap, "tc": self.service._on_tool,  # noqa: SLF001
-                         "cm": self.service.chat.on_message, "cf": self.service._on_frame}  # noqa: SLF001
+        self.handlers = {"cap": self.service._on_cap, "tc": self.service._on_tool,
+                         "cm": self.service._on_chat, "cf": self.service._on_frame}
 
     async def feed(self, data: bytes) -> None:
         token = self.room.token
         for piece in split(data, limit=32):
             # Half the messages get a valid room-frame prefix, so chunks reach the reassembler.
             frame = rf.encode_room_frame(token, piece) if piece[:1] != b"\x02" else piece
-            self.mesh._on_frame(self.link, frame)  # noqa: SLF001
+            self.mesh._on_frame(self.link, frame)
         for name, handler in self.handlers.items():
             mailbox = self.room.make_action(name).mailbox
             while len(mailbox):

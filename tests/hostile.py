@@ -51,7 +51,7 @@ class Hostile:
 
     async def raw(self, frame: bytes) -> bool:
         """Write one data-channel message to the node; False once the node has dropped us."""
-        link = self.room._mesh.live.get(self.node_id) if self.room._mesh is not None else None  # noqa: SLF001
+        link = self.room._mesh.live.get(self.node_id) if self.room._mesh is not None else None
         if link is None:
             return False
         try:
@@ -189,11 +189,11 @@ async def unknown_actions(h: Hostile, node_room: Room, count: int = 200, size: i
     for i in range(count):
         await h.raw(h.chunk(f"junk{i % 50}", i, TAG_BINARY | TAG_JSON | TAG_LAST, bytes(size)))
     await h.room.ping(h.node_id, WAIT_SECONDS)  # the channel is ordered: everything before has arrived
-    backlog = node_room._backlog.bytes  # noqa: SLF001
+    backlog = node_room._backlog.bytes
     assert backlog <= node_room.config.max_backlog_bytes
-    assert len(node_room._backlog) <= 16  # noqa: SLF001
+    assert len(node_room._backlog) <= 16
     return {"messages": count, "bytes": count * size, "node_backlog_bytes": backlog,
-            "node_backlog_names": len(node_room._backlog), "dropped": h.left.is_set()}  # noqa: SLF001
+            "node_backlog_names": len(node_room._backlog), "dropped": h.left.is_set()}
 
 
 async def forged_from(h: Hostile, honest_id: str) -> dict[str, Any]:
@@ -231,7 +231,7 @@ async def partial_chunks(h: Hostile, node_room: Room, limit: int) -> dict[str, A
     for nonce in range(100):
         await h.raw(h.chunk("tc", nonce, TAG_JSON, piece))
     await h.room.ping(h.node_id, WAIT_SECONDS)
-    pending = node_room._reassembler.pending_messages(h.peer_id)  # noqa: SLF001
+    pending = node_room._reassembler.pending_messages(h.peer_id)
     assert pending <= limit, pending
     sent = 100
     while await h.raw(h.chunk("tc", 100 + sent, TAG_JSON, bytes(CHUNK_PAYLOAD_BYTES))):

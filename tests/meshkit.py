@@ -15,11 +15,11 @@ from typing import Any
 
 from meshnode.cli.config import load_settings
 from meshnode.generation.api import Backend
+from meshnode.legion.client import CallRecord, LegionClient
 from meshnode.node.assembly import room_config
 from meshnode.node.node import Node
 from meshnode.room import Room
 from meshnode.settings import Settings
-from meshnode.legion.client import CallRecord, LegionClient
 from signaling.strategies.engine import StrategyTimers
 from tests.fakes import fake_backend
 

@@ -15,8 +15,8 @@ import logging
 import sys
 
 from meshnode.cli.signals import stop_on_signals
-from signaling.base import Backoff
 from signaling.adapters.wsrelay import WsRelay
+from signaling.base import Backoff
 from tests.fakes import TimedEngine
 from tests.meshkit import node_settings, start_node
 

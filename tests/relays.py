@@ -14,7 +14,7 @@ Synchronous context managers, so session-scoped pytest fixtures do not depend on
         broker.ws_url, broker.tcp_url
         broker.stop(); broker.restart()
 
-Run directly, ``python -m tests.relays wsrelay --port N`` serves `signaling.adapters.wsrelay.WsRelayServer`
+Run directly, ``python -m tests.relays wsrelay --port N`` serves `signaling.servers.wsrelay.WsRelayServer`
 (that is how `wsrelay_relay` runs it).
 """
 
@@ -132,7 +132,7 @@ class RelayProcess:
         with self.log_path.open("ab") as log:
             log.write(f"--- start #{self.starts}: {' '.join(self.argv)}\n".encode())
             log.flush()
-            self._process = subprocess.Popen(  # noqa: S603 - fixed argv built by this module
+            self._process = subprocess.Popen(
                 self.argv,
                 cwd=self.cwd,
                 env=self.env,
@@ -319,7 +319,7 @@ def mosquitto_relay() -> Iterator[MosquittoRelay]:
 
 def _nostr_relay_config(run_dir: Path, port: int) -> str:
     """The package's bundled config with the three changes of test-harness §5.2."""
-    import yaml  # noqa: PLC0415 - only needed here
+    import yaml
 
     bundled = sorted((ROOT / ".venv-relay" / "lib").glob("python3*/site-packages/nostr_relay/config.yaml"))
     config: dict[str, Any] = yaml.safe_load(bundled[0].read_text()) if bundled else {}
@@ -400,10 +400,10 @@ def wsrelay_relay() -> Iterator[Relay]:
 
 
 async def _serve_wsrelay(host: str, port: int) -> None:
-    from signaling.adapters.wsrelay import WsRelayServer  # noqa: PLC0415 - keep `import tests.relays` light
+    from signaling.servers.wsrelay import WsRelayServer
 
     async with WsRelayServer(host, port) as server:
-        print(f"ws-relay listening on {server.url}", flush=True)  # noqa: T201 - process output
+        print(f"ws-relay listening on {server.url}", flush=True)
         await server.serve_forever()
 
 

@@ -21,10 +21,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from meshnode.legion.streaming import FrameSender
 from meshnode.link.costs import PacingConfig
 from meshnode.link.pacer import MUX_FIELD, RESULT_TEXT_FIELD, Pacer
 from meshnode.link.policy import ActionLike, StreamPolicy, StreamSink
-from meshnode.legion.streaming import FrameSender
 
 SSE_ACTION = "sse"
 

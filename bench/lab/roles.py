@@ -31,13 +31,13 @@ from typing import Any
 from bench.lab.modes import MODES, SSE_ACTION, Mode, make_pacer, policy_for, stream_hello_needed
 from bench.lab.source import DEFAULT_COMPLETION_PATH, Completion, ReplayEngine
 from meshnode.errors import FrameError, MeshError
-from meshnode.link.pacer import decode_mux_body
 from meshnode.generation.api import CodecMapInfo
 from meshnode.generation.local import LocalBackend
 from meshnode.generation.modelinfo import ModelInfo
+from meshnode.legion.service import LegionService, ServiceConfig
+from meshnode.link.pacer import decode_mux_body
 from meshnode.room import Room, RoomConfig
 from meshnode.transport.ice import IcePolicy, apply_ice_policy
-from meshnode.legion.service import LegionService, ServiceConfig
 from meshnode.wire import legion
 from meshnode.wire.compression import StreamDecompressor
 from meshnode.wire.envelopes import DATA, END, HELLO, READY, Envelope, decode_cf_payload, encode_envelope
@@ -84,7 +84,7 @@ async def _leave_all(rooms: list[Room]) -> None:
 
 
 async def run_signal(args: argparse.Namespace) -> None:
-    from signaling.adapters.wsrelay import WsRelayServer
+    from signaling.servers.wsrelay import WsRelayServer
 
     async with WsRelayServer(args.host, args.port) as server:
         logger.info("signalling on %s", server.url)

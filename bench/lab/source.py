@@ -63,8 +63,8 @@ async def record_completion(path: Path = DEFAULT_COMPLETION_PATH, *, max_tokens:
     is recorded whatever its length (the JSON says how many ids it has).
     """
     from meshnode.generation.api import SamplingParams
-    from meshnode.generation.torch_backend import TorchEngine
     from meshnode.generation.models import resolve_model
+    from meshnode.generation.torch_backend import TorchEngine
 
     loaded = await asyncio.to_thread(resolve_model, None, device="cpu", progress=False)
     async with TorchEngine.from_loaded(loaded, max_tokens_limit=max_tokens) as engine:

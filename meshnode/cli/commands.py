@@ -15,7 +15,7 @@ logger = logging.getLogger("meshnode")
 
 
 async def run(command: str, args: argparse.Namespace, settings: Settings) -> int:
-    from meshnode.transport.ice import quiet_connect_teardown  # noqa: PLC0415 - aiortc loads here
+    from meshnode.transport.ice import quiet_connect_teardown
 
     quiet_connect_teardown(asyncio.get_running_loop())
     handlers = {"generate": generate, "serve-http": serve_http, "join": join, "demo": demo, "ask": ask}
@@ -23,15 +23,15 @@ async def run(command: str, args: argparse.Namespace, settings: Settings) -> int
 
 
 def _cache_dir(settings: Settings) -> Path:
-    from meshnode.generation.models import default_cache_dir  # noqa: PLC0415 - torch loads here
+    from meshnode.generation.models import default_cache_dir
 
     return Path(settings.model.cache_dir) if settings.model.cache_dir else default_cache_dir()
 
 
 async def generate(args: argparse.Namespace, settings: Settings) -> int:
-    from meshnode.generation.api import Prompt, SamplingParams  # noqa: PLC0415
-    from meshnode.generation.factory import open_backend  # noqa: PLC0415
-    from meshnode.generation.text import IncrementalText  # noqa: PLC0415
+    from meshnode.generation.api import Prompt, SamplingParams
+    from meshnode.generation.factory import open_backend
+    from meshnode.generation.text import IncrementalText
 
     async with open_backend(settings.model, settings.engine) as backend:
         if args.raw:
@@ -65,13 +65,13 @@ async def generate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-async def serve_http(args: argparse.Namespace, settings: Settings) -> int:
-    from aiohttp import web  # noqa: PLC0415
+async def serve_http(args: argparse.Namespace, settings: Settings) -> int:  # noqa: ARG001 - one signature
+    from aiohttp import web
 
-    from meshnode.cli.signals import stop_on_signals  # noqa: PLC0415
-    from meshnode.generation.factory import open_backend  # noqa: PLC0415
-    from meshnode.http.requests import Limits  # noqa: PLC0415
-    from meshnode.http.server import CodecHttpApp  # noqa: PLC0415
+    from meshnode.cli.signals import stop_on_signals
+    from meshnode.generation.factory import open_backend
+    from meshnode.http.requests import Limits
+    from meshnode.http.server import CodecHttpApp
 
     async with open_backend(settings.model, settings.engine) as backend:
         limits = Limits(max_tokens=settings.engine.max_tokens, default_max_tokens=settings.engine.default_max_tokens)
@@ -91,10 +91,10 @@ async def serve_http(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def join(args: argparse.Namespace, settings: Settings) -> int:
-    from meshnode.cli.signals import stop_on_signals  # noqa: PLC0415
-    from meshnode.generation.factory import open_backend  # noqa: PLC0415
-    from meshnode.node.node import Node  # noqa: PLC0415
-    from meshnode.node.webapp import start_web  # noqa: PLC0415
+    from meshnode.cli.signals import stop_on_signals
+    from meshnode.generation.factory import open_backend
+    from meshnode.node.node import Node
+    from meshnode.node.webapp import start_web
 
     async with open_backend(settings.model, settings.engine) as backend:
         node = Node(settings, backend)
@@ -112,9 +112,9 @@ async def join(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def demo(args: argparse.Namespace, settings: Settings) -> int:
-    from meshnode.cli.signals import stop_on_signals  # noqa: PLC0415
-    from meshnode.generation.factory import open_backend  # noqa: PLC0415
-    from meshnode.node.demo import DEMO_ROOM, Demo  # noqa: PLC0415
+    from meshnode.cli.signals import stop_on_signals
+    from meshnode.generation.factory import open_backend
+    from meshnode.node.demo import DEMO_ROOM, Demo
 
     async with open_backend(settings.model, settings.engine) as backend:
         session = Demo(settings, backend, web_port=args.web_port)
@@ -134,11 +134,11 @@ async def demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def ask(args: argparse.Namespace, settings: Settings) -> int:
-    from meshnode.legion.client import AskError, ask  # noqa: PLC0415
-    from meshnode.node.assembly import ice_policy, room_config  # noqa: PLC0415
-    from meshnode.node.demo import print_now  # noqa: PLC0415
-    from meshnode.room import Room  # noqa: PLC0415
-    from meshnode.transport.ice import apply_ice_policy  # noqa: PLC0415
+    from meshnode.legion.client import AskError, ask
+    from meshnode.node.assembly import ice_policy, room_config
+    from meshnode.node.demo import print_now
+    from meshnode.room import Room
+    from meshnode.transport.ice import apply_ice_policy
 
     apply_ice_policy(ice_policy(settings.webrtc))
     room = await Room.join(room_config(settings))

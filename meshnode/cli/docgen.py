@@ -8,16 +8,16 @@ import dataclasses
 import os
 from pathlib import Path
 
-from meshnode.cli.main import FLAG_KEYS, build_parser
 from meshnode.cli.config import LEGION_ALIASES, env_name, field_docs
+from meshnode.cli.main import FLAG_KEYS, build_parser
 from meshnode.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    for action in parser._actions:  # argparse keeps subcommands only here
-        if isinstance(action, argparse._SubParsersAction):
+    for action in parser._actions:  # noqa: SLF001 - argparse keeps subcommands only here
+        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
             return dict(action.choices)
     return {}
 
@@ -52,7 +52,8 @@ def config_markdown() -> str:
             env = ", ".join([f"`{env_name(key)}`"] + [f"`{a}`" for a in aliases.get(key, [])])
             flag = f"`--{flags[key].replace('_', '-')}`" if key in flags else ""
             value = getattr(obj, f.name)
-            lines.append(f"| `{f.name}` | `{value!r}` | {env} | {flag} | {' '.join(docs.get(key, '').split()).replace('|', '/')} |")
+            doc = " ".join(docs.get(key, "").split()).replace("|", "/")
+            lines.append(f"| `{f.name}` | `{value!r}` | {env} | {flag} | {doc} |")
         lines.append("")
     return "\n".join(lines)
 

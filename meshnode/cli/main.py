@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the whole system on this machine: relay, node and chat page",
                           description="Start an embedded Nostr relay on 127.0.0.1, a meshnode serving the model "
                                       "in a room on it, and the browser chat page; prints the URL.")
-    demo.add_argument("--port", dest="web_port", type=int, default=8080, help="port of the chat page (default 8080; 0 = any)")
+    demo.add_argument("--port", dest="web_port", type=int, default=8080,
+                      help="port of the chat page (default 8080; 0 = any)")
     demo.add_argument("--open", action="store_true", help="open the page in the default browser")
     demo.add_argument("--ask", metavar="QUESTION",
                       help="first ask this through the mesh from a Python peer and print the answer")

@@ -26,6 +26,7 @@ from meshnode.errors import AdmissionError
 __all__ = [
     "Backend",
     "CodecMapInfo",
+    "Decoder",
     "FinishReason",
     "Prompt",
     "SamplingParams",
@@ -364,14 +365,18 @@ class TokenEngine(Protocol):
         ...
 
 
-class TextCodec(Protocol):
+class Decoder(Protocol):
+    """Token ids back to text."""
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class TextCodec(Decoder, Protocol):
     """Text on both sides of a model: chat template and tokenizer, and back."""
 
     def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]: ...
 
     def encode_text(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: Sequence[int]) -> str: ...
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -368,7 +368,7 @@ def convert_gguf(
                 str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
             )
             _strip_gguf_quantizer(model)
-            model = model.to(dtype)
+            model = model.to(dtype)  # type: ignore[arg-type]  # transformers types .to() as taking a model
             bar.update(1)
             bar.set_postfix_str("save")
             model.save_pretrained(str(temp))
@@ -467,7 +467,7 @@ def _load_gguf_file(path: Path, device: torch.device, dtype: torch.dtype) -> Loa
         # Unsupported GGUF architectures and corrupt files surface as these.
         raise ModelError(f"cannot load GGUF model {path}: {exc}") from exc
     _strip_gguf_quantizer(model)
-    model = model.to(dtype)
+    model = model.to(dtype)  # type: ignore[arg-type]  # transformers types .to() as taking a model
     return _finish(model, tokenizer, path.stem, device, dtype, path.parent)
 
 

@@ -17,7 +17,8 @@ STOP_CONTEXT_TOKENS = 4
 Decode = Callable[[Sequence[int]], str]
 
 
-def scan_stop_strings(generated: list[int], emitted: int, stops: Sequence[str], decode: Decode) -> tuple[int, str | None]:
+def scan_stop_strings(generated: list[int], emitted: int, stops: Sequence[str],
+                      decode: Decode) -> tuple[int, str | None]:
     """Search the not-yet-emitted text of `generated` for `stops`.
 
     Returns:

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from meshnode.errors import AdmissionError, ModelError
-from meshnode.generation.api import TextCodec
+from meshnode.generation.api import Decoder
 
 __all__ = ["HFText", "IncrementalText"]
 
@@ -29,7 +29,8 @@ class HFText:
                 (``field="messages"``).
             ModelError: The tokenizer has no chat template.
         """
-        if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)) or not messages:
+        given: object = messages  # the type is what callers promise; peers send anything
+        if not isinstance(given, Sequence) or isinstance(given, (str, bytes)) or not given:
             raise AdmissionError("messages must be a non-empty list", field="messages")
         for message in messages:
             if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
@@ -58,7 +59,7 @@ class HFText:
 class IncrementalText:
     """Decode a growing id list into text deltas; never emits half of a multi-byte character."""
 
-    def __init__(self, text: TextCodec) -> None:
+    def __init__(self, text: Decoder) -> None:
         self._text = text
         self._ids: list[int] = []
         self._emitted = 0

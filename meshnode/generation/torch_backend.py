@@ -63,7 +63,7 @@ def sample_next_token(
 class TorchBatch:
     """A :class:`~meshnode.generation.engine.BatchBackend` over a transformers model's ``DynamicCache``."""
 
-    slots = None
+    slots: int | None = None
 
     def __init__(self, model: Any, model_id: str = "local") -> None:
         """Wrap a model in eval mode (full-attention layers only).

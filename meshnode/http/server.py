@@ -171,7 +171,8 @@ class CodecHttpApp:
         text = IncrementalText(self.backend)
         first = [False]
         if chat:
-            await response.write(_sse(_chat_chunk(ident, created, self.backend.model_id, {"role": "assistant", "content": ""}, None)))
+            opening = _chat_chunk(ident, created, self.backend.model_id, {"role": "assistant", "content": ""}, None)
+            await response.write(_sse(opening))
         async for chunk in stream:
             if chunk.ids:
                 self._observe_first(started, first)

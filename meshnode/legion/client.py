@@ -256,8 +256,8 @@ class LegionClient:
     async def _call(self, record: CallRecord, tool: str, args: dict[str, Any], timeout: float) -> None:
         peer_id, call_id = record.peer_id, record.call_id
         async with asyncio.timeout(timeout):
-            while peer_id not in self.room.peers:  # messages to a peer that has not joined go nowhere
-                await asyncio.sleep(JOIN_POLL_SECONDS)
+            while peer_id not in self.room.peers:  # noqa: ASYNC110 - bounded by the call's timeout
+                await asyncio.sleep(JOIN_POLL_SECONDS)  # messages to a peer that has not joined go nowhere
             if self.negotiate and record.streams:
                 hello = Envelope(kind=HELLO, stream_id=call_id, seq=0, body={
                     "codec_version": 1, "accept_compression": self.compression, **self.hello_extra})
@@ -276,11 +276,9 @@ class LegionClient:
         """The peer's map, from the local cache when its advertised hash is known."""
         map_hash = cap.raw.get("mapHash")
         if isinstance(map_hash, str) and map_hash.startswith("sha256:"):
-            cached = cache_dir / f"{map_hash[7:]}.json"
-            if cached.is_file():
-                data = cached.read_bytes()
-                if map_sha256(data) == map_hash:
-                    return parse_map(data, expected_sha256=map_hash)
+            cached = await asyncio.to_thread(_read_cached, cache_dir / f"{map_hash[7:]}.json")
+            if cached is not None and map_sha256(cached) == map_hash:
+                return parse_map(cached, expected_sha256=map_hash)
         try:
             result = await self.caller.call(peer_id, "codec_map", {}, timeout=timeout)
         except TimeoutError:
@@ -299,10 +297,21 @@ class LegionClient:
         if content.get("map_hash") != digest or (isinstance(map_hash, str) and map_hash != digest):
             raise AskError(f"map hash mismatch: advertised {content.get('map_hash')}, got {digest}")
         document = parse_map(data, expected_sha256=digest)
-        with contextlib.suppress(OSError):
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            (cache_dir / f"{digest[7:]}.json").write_bytes(data)
+        await asyncio.to_thread(_write_cached, cache_dir / f"{digest[7:]}.json", data)
         return document
+
+
+def _write_cached(path: Path, data: bytes) -> None:
+    with contextlib.suppress(OSError):  # a cache that cannot be written only costs a fetch next time
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
+def _read_cached(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
 
 
 async def ask(room: Room, prompt: str, *, system: str | None, max_tokens: int, temperature: float,

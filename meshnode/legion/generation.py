@@ -237,8 +237,9 @@ class Generations:
 
     async def _reply(self, call: CallState, outcome: _Outcome) -> None:
         if outcome.status == "ok":
-            content: dict[str, Any] = {"text": self.backend.decode(outcome.ids), "finish_reason": outcome.finish or "stop",
-                                       "tokens": len(outcome.ids), "ttft_ms": outcome.ttft_ms}
+            content: dict[str, Any] = {"text": self.backend.decode(outcome.ids),
+                                       "finish_reason": outcome.finish or "stop", "tokens": len(outcome.ids),
+                                       "ttft_ms": outcome.ttft_ms}
             if self.pacing is not None:
                 content = self.pacing.result_content(call.peer_id, call.call_id, content)
             frame = legion.build_result(ts_ms=int(time.time() * 1000), call_id=call.call_id, status="ok",

@@ -8,7 +8,7 @@
 * ``cf``: Codec frames for a generation go **only to the asking peer** (:mod:`.streaming`); an
   envelope HELLO for the call id negotiates DATA/END envelopes (optionally zstd per stream), and an
   END from the asker with ``finish_reason:"cancel"`` cancels that call.
-* ``cm``: ``/ai <prompt>`` chat (:mod:`.chat`).
+* ``cm``: ``/ai <prompt>`` chat, answered by the responder rule of the real Legion tabs (below).
 * The asker leaving (Trystero leave / presence 0 / connection loss) cancels its generations.
 
 Replies never block a receive loop and are never lost while the peer reads (:mod:`.outbox`).
@@ -30,11 +30,10 @@ from meshnode.errors import FrameError, MeshError
 from meshnode.generation.api import Backend, CodecMapInfo
 from meshnode.legion.budgets import BudgetLimits, PeerBudgets
 from meshnode.legion.calls import ToolCaller
-from meshnode.legion.chat import AiChat
 from meshnode.legion.deadline import Deadlines, ThroughputMeter
 from meshnode.legion.generation import CallState, Generations, GenerationSettings
 from meshnode.legion.outbox import MAX_OPTIONAL_PENDING, Outbox, Sender
-from meshnode.legion.roster import Roster
+from meshnode.legion.roster import Roster, elect_ai_responder
 from meshnode.link.policy import StreamPolicy
 from meshnode.tasks import TaskOwner
 from meshnode.wire import legion
@@ -123,7 +122,6 @@ class LegionService:
                                         deadline_seconds=config.call_deadline_seconds),
             frames=self._frames, tools=self._tools, meter=self.meter, pacing=pacing, clock=clock,
             on_change=self.notify_load_changed, on_closed=self.budgets.closed)
-        self.chat = AiChat(self)
         self._cap_changed = asyncio.Event()
         self._last_available: bool | None = None
         self._packed_map: str | None = None
@@ -152,7 +150,7 @@ class LegionService:
                 group.create_task(self._heartbeat(), name="legion.cap-heartbeat")
                 group.create_task(self._receive_loop(self._cap, self._on_cap), name="legion.cap")
                 group.create_task(self._receive_loop(self._tools, self._on_tool), name="legion.tc")
-                group.create_task(self._receive_loop(self._chat_action, self.chat.on_message), name="legion.cm")
+                group.create_task(self._receive_loop(self._chat_action, self._on_chat), name="legion.cm")
                 group.create_task(self._receive_loop(self._frames, self._on_frame), name="legion.cf")
         finally:
             await self.generations.cancel_all("service stopped")
@@ -437,6 +435,58 @@ class LegionService:
         self.outbox.post(peer_id, self._frames, encode_envelope(ready), "ready", essential=True)
 
     # --- cm (/ai) ----------------------------------------------------------------------------
+
+    def should_answer_ai(self, peer_id: str, message: legion.ChatMessage) -> bool:
+        """The responder rule of the real Legion tabs and bridge (legion-mesh §5.7): directed to us →
+        always; broadcast → not when the sender's cap says ``available: true`` (its own model answers),
+        otherwise by exactly one meshnode: the one :func:`elect_ai_responder` picks among those that
+        have shown they serve (so a forged cap cannot silence the room)."""
+        me = self.room.self_id
+        if message.to:
+            return message.to == me
+        if not self.config.answer_broadcast_ai:
+            return False
+        sender = self.roster.get(peer_id)
+        if sender is not None and sender.cap.available:
+            return False  # the sender's own model answers it (legion-mesh §5.7 rule 5)
+        candidates = self.roster.candidates()
+        candidates[me] = legion.parse_cap(self.build_cap())
+        chosen = elect_ai_responder(candidates, peer_id)
+        if chosen != me:
+            logger.debug("/ai from %s left to %s", peer_id, chosen)
+            return False
+        return True
+
+    async def _on_chat(self, peer_id: str, payload: Any) -> None:
+        message = legion.parse_chat(payload)
+        if message.body_kind != "text" or not message.text or not message.text.startswith("/ai "):
+            return
+        if not self.should_answer_ai(peer_id, message):
+            return
+        prompt = message.text[4:].strip()
+        if prompt.startswith("@"):
+            prompt = prompt.split(" ", 1)[1].strip() if " " in prompt else ""
+        if not prompt:
+            return
+        refusal = self.refuse_new_work(peer_id) or self.budgets.admit_call(peer_id)
+        if refusal is not None and not self.strike(peer_id, refusal):
+            return
+        if refusal is not None or self.draining:
+            self.say(peer_id, f"[/ai meshnode error] {refusal or 'shutting down'}")
+            return
+        default = min(self.config.default_max_tokens, self.config.max_tokens)
+        plan = self.deadlines.plan(None, default, self.generations.work_ahead())
+        call_id = f"ai-{int(time.time() * 1000):x}-{len(self.calls)}"
+        refusal = plan.refusal
+        if refusal is None and self.pacing is not None:
+            refusal = self.pacing.admit(peer_id, call_id)
+        if refusal is not None:
+            self.say(peer_id, f"[/ai meshnode error] {refusal}")
+            return
+        messages = [{"role": "user", "content": prompt}]
+        if self.config.system_prompt:
+            messages.insert(0, {"role": "system", "content": self.config.system_prompt})
+        self.start_call(peer_id, call_id, messages, plan.max_tokens, None, None, reply_tool=False)
 
     def say(self, peer_id: str, text: str) -> None:
         chat = legion.build_chat(ts_ms=int(time.time() * 1000), from_id=self.room.self_id, to=peer_id, text=text)

@@ -84,7 +84,8 @@ async def pump(stream: Any, queue: asyncio.Queue[Any]) -> None:
         await queue.put(Chunk(ids=[], finish_reason="error"))
 
 
-async def coalesce(queue: asyncio.Queue[Any], max_ids: int, max_delay: float) -> AsyncIterator[tuple[list[int], str | None]]:
+async def coalesce(queue: asyncio.Queue[Any], max_ids: int,
+                   max_delay: float) -> AsyncIterator[tuple[list[int], str | None]]:
     """Yield (ids, finish_reason) batches: the first token at once (time to first token), later
     ids gathered until `max_ids` or `max_delay` seconds, and whatever piled up while the previous
     send waited for the channel (backpressure coalesces for free)."""

@@ -9,7 +9,8 @@ and the receiver's SCTP acknowledges every packet (~97 B back). So the :class:`P
   ``[min_window, max_window]`` for which the predicted bytes per second (from the number of
   streams, how they are grouped into messages, their token rate, recent stream start-ups and
   :class:`WireCosts`) stay under ``target_utilisation × budget`` (else ``headroom × budget``) and
-  the message rate under ``max_messages_per_second`` (the CPU cost of aiortc's pure-Python SCTP). A stream's first ids wait at most ``min_window`` (time to first
+  the message rate under ``max_messages_per_second`` (the CPU cost of aiortc's pure-Python SCTP).
+  A stream's first ids wait at most ``min_window`` (time to first
   token); later ids wait at most ``W`` for company.
 * **Per-stream streaming zstd** when the asker's HELLO accepts ``zstd`` (one context per stream,
   flushed per message; legion-mesh §2.7).
@@ -100,7 +101,7 @@ class _Unit:
 
     def ensure_running(self) -> None:
         if self.task is None or self.task.done():
-            self.task = self.pacer._spawn(self._run(), f"pacing.unit[{self.peer_id[:8]}/{self.key}]")
+            self.task = self.pacer.spawn(self._run(), f"pacing.unit[{self.peer_id[:8]}/{self.key}]")
 
     async def _run(self) -> None:
         """Send whatever is pending once its oldest id has waited a window (or at once for a
@@ -123,7 +124,7 @@ class _Unit:
                     except TimeoutError:
                         pass
                 await self._flush()
-        self.pacer._drop_unit(self)
+        self.pacer.drop_unit(self)
 
     def _due_at(self) -> float | None:
         due: float | None = None
@@ -488,7 +489,7 @@ class Pacer:
 
     # -- tasks --------------------------------------------------------------------------------------
 
-    def _spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
+    def spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._reap)
@@ -499,7 +500,7 @@ class Pacer:
         if not task.cancelled() and task.exception() is not None:
             logger.warning("pacing task %s failed: %r", task.get_name(), task.exception())
 
-    def _drop_unit(self, unit: _Unit) -> None:
+    def drop_unit(self, unit: _Unit) -> None:
         if unit.mux:
             self._mux_seq[unit.peer_id] = unit.seq
         if self._units.get((unit.peer_id, unit.key)) is unit and not unit.slots:

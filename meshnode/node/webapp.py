@@ -22,8 +22,9 @@ from aiohttp import web
 
 from meshnode.errors import ConfigError
 from meshnode.generation.modelinfo import map_index
-from meshnode.transport.ice import parse_ice_url
 from meshnode.settings import Settings
+from meshnode.transport.ice import parse_ice_url
+from signaling.registry import DEFAULT_RELAYS
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +64,6 @@ def relay_urls(settings: Settings) -> list[str]:
     """The relays the node uses: configured ones, else the strategy's defaults."""
     if settings.room.relays:
         return list(settings.room.relays)
-    from signaling.registry import DEFAULT_RELAYS
-
     return list(DEFAULT_RELAYS.get(settings.room.strategy, []))
 
 

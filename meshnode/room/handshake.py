@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 CHALLENGE_LENGTH = 36
-PASSWORD_FIELD = "__trystero_pw"
+PASSWORD_FIELD = "__trystero_pw"  # noqa: S105 - a field name, not a secret
 MAX_HSDATA_QUEUED = 4
 
 # Internal action names (trystero-wire §8.5).

@@ -138,6 +138,10 @@ class Backlog(Generic[T]):
         self._by_name: dict[str, deque[tuple[str, T, int]]] = {}
         self._bytes = 0
 
+    def __len__(self) -> int:
+        """Action names with messages kept."""
+        return len(self._by_name)
+
     @property
     def bytes(self) -> int:
         """Bytes kept now."""

@@ -15,7 +15,8 @@ How it fits together (trystero-wire §7-§9):
 * Connections are shared per (selfId, appId, remote peerId) by an :class:`_AppMesh`, as Trystero
   shares one ``RTCPeerConnection`` per (appId, peer) between rooms (§8.1, P16). Incoming frames
   are demultiplexed by room token; presence frames announce membership.
-* Each (room, peer) :class:`~meshnode.room.handshake.Binding` runs the join handshake (§8.6): presence(1), the optional password
+* Each (room, peer) :class:`~meshnode.room.handshake.Binding` runs the join handshake (§8.6):
+  presence(1), the optional password
   challenge over ``@_hsdata``, ``@_hsready``; the peer joins when both sides are ready, and only
   then are application actions exchanged. A binding that times out is dropped and re-bound by the
   next signal, presence(1) or handshake frame from that peer (§9.3).
@@ -35,6 +36,7 @@ from meshnode.errors import ConfigError, MeshError
 from meshnode.room.actions import Action, ActionMessage, PeerEvent
 from meshnode.room.config import RoomConfig
 from meshnode.room.errors import HandshakeFailed, RoomClosed
+from meshnode.room.events import JoinErrorCallback, Membership, PeerCallback
 from meshnode.room.handshake import (
     HSDATA,
     HSREADY,
@@ -47,7 +49,6 @@ from meshnode.room.handshake import (
     answer_challenge,
     password_step,
 )
-from meshnode.room.events import JoinErrorCallback, Membership, PeerCallback
 from meshnode.room.mailbox import Backlog, Mailbox
 from meshnode.room.mesh import LEAVE_SEND_TIMEOUT_SECONDS, AppMesh, RoomPeerFactory
 from meshnode.tasks import TaskOwner

@@ -124,7 +124,7 @@ def install_host_address_override(mode: HostAddressMode, addresses: Sequence[str
             ``append`` — aioice's addresses plus `addresses`; ``only`` — exactly `addresses`.
         addresses: IPv4 / IPv6 literals to add or use.
     """
-    global _installed_override
+    global _installed_override  # noqa: PLW0603 - aioice's own state is process-wide too
     if mode not in ("auto", "append", "only"):
         raise ValueError(f"unknown host_addresses_mode {mode!r}")
     wanted = tuple(addresses)
@@ -162,7 +162,7 @@ def install_consent_timing(dead_peer_seconds: float) -> None:
     if dead_peer_seconds <= 0:
         raise ValueError("dead_peer_seconds must be positive")
     aioice.ice.CONSENT_FAILURES = CONSENT_CHECKS
-    aioice.ice.CONSENT_INTERVAL = dead_peer_seconds / CONSENT_CHECKS
+    aioice.ice.CONSENT_INTERVAL = dead_peer_seconds / CONSENT_CHECKS  # type: ignore[assignment]  # a float works
 
 
 def parse_ice_url(url: str) -> dict[str, Any]:

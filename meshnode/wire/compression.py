@@ -160,7 +160,7 @@ class StreamDecompressor:
         try:
             decompressor = zstandard.ZstdDecompressor(dict_data=_zstd_dict(dict_data))
             self._writer = decompressor.stream_writer(
-                self._sink,
+                self._sink,  # type: ignore[arg-type]  # a write()-only sink is all zstandard uses
                 write_size=min(_DECOMPRESS_WRITE_SIZE_BYTES, max_output_bytes + 1),
                 write_return_read=True,
                 closefd=False,

@@ -512,7 +512,7 @@ class Detokenizer:
         self._special: frozenset[int] = frozenset(doc.get("special_tokens", {}).values())
         start = doc.get("byte_fallback_start")
         end = doc.get("byte_fallback_end")
-        self._fallback: range = range(0) if start is None else range(start, end + 1)
+        self._fallback: range = range(0) if start is None or end is None else range(start, end + 1)
         self._byte_cache: dict[int, bytes] = {}
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 

@@ -51,20 +51,20 @@ class MemoryHub:
         """A new relay adapter attached to this hub."""
         return MemoryRelay(url or f"memory://{self.name or id(self)}", hub=self)
 
-    def _attach(self, relay: MemoryRelay) -> None:
+    def attach(self, relay: MemoryRelay) -> None:
         self._relays.add(relay)
 
-    def _detach(self, relay: MemoryRelay) -> None:
+    def detach(self, relay: MemoryRelay) -> None:
         self._relays.discard(relay)
 
-    def _route(self, sender: MemoryRelay, topic: str, payload: str) -> None:
+    def route(self, sender: MemoryRelay, topic: str, payload: str) -> None:
         self.published.append((sender.url, topic, payload))
         if self.drop is not None and self.drop(sender.url, topic, payload):
             return
         loop = asyncio.get_running_loop()
         for relay in list(self._relays):
-            if relay.connected and topic in relay._topics:
-                loop.call_soon(relay._deliver, topic, payload)
+            if relay.connected and relay.subscribed(topic):
+                loop.call_soon(relay.deliver, topic, payload)
 
 
 class MemoryRelay:
@@ -109,7 +109,7 @@ class MemoryRelay:
         if self._started or self._closed:
             return
         self._started = True
-        self.hub._attach(self)
+        self.hub.attach(self)
         self._connected.set()
 
     async def wait_connected(self, timeout: float) -> bool:
@@ -119,6 +119,9 @@ class MemoryRelay:
         except TimeoutError:
             return False
         return True
+
+    def subscribed(self, topic: str) -> bool:
+        return topic in self._topics
 
     async def subscribe(self, topic: str) -> None:
         self.subscribe_order.append(topic)
@@ -130,13 +133,13 @@ class MemoryRelay:
     async def publish(self, topic: str, payload: str) -> bool:
         if not self.connected:
             return False
-        self.hub._route(self, topic, payload)
+        self.hub.route(self, topic, payload)
         return True
 
     async def close(self) -> None:
         self._closed = True
         self._connected.clear()
-        self.hub._detach(self)
+        self.hub.detach(self)
         self._topics.clear()
 
     # -- test controls -----------------------------------------------------------------------------
@@ -150,7 +153,7 @@ class MemoryRelay:
         if not self._closed and self._started:
             self._connected.set()
 
-    def _deliver(self, topic: str, payload: str) -> None:
+    def deliver(self, topic: str, payload: str) -> None:
         if self._handler is None or not self.connected or topic not in self._topics:
             return
         try:

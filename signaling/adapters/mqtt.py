@@ -29,8 +29,8 @@ from urllib.parse import unquote, urlsplit
 import aiomqtt
 from aiomqtt import ProtocolVersion
 
-from signaling.base import Backoff, TopicHandler
 from signaling.adapters.relaysocket import deliver_topic_message, wait_event
+from signaling.base import Backoff, ReconnectLoop, TopicHandler
 
 logger = logging.getLogger(__name__)
 _paho_logger = logging.getLogger(f"{__name__}.paho")
@@ -129,9 +129,7 @@ class MqttRelay:
         self._ready = asyncio.Event()
         self._down = asyncio.Event()
         self._down.set()
-        self._task: asyncio.Task[None] | None = None
-        self._closing = False
-        self._closed: asyncio.Future[None] | None = None
+        self._loop = ReconnectLoop(f"mqtt {url}", self._connect_once, self._backoff, (aiomqtt.MqttError,))
         self.connections = 0
         """How many times a connection was established (tests and metrics)."""
 
@@ -151,10 +149,7 @@ class MqttRelay:
 
     async def start(self) -> None:
         """Start connecting in the background; returns at once. Idempotent."""
-        if self._task is None and not self._closing:
-            self._task = asyncio.get_running_loop().create_task(
-                self._run(), name=f"signaling[{self.url}].mqtt"
-            )
+        self._loop.start()
 
     async def wait_connected(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds for the connection; True when connected."""
@@ -215,26 +210,7 @@ class MqttRelay:
 
     async def close(self) -> None:
         """Disconnect and stop reconnecting. Idempotent; concurrent callers wait for the first."""
-        if self._closed is not None:
-            await self._closed
-            return
-        self._closed = asyncio.get_running_loop().create_future()
-        self._closing = True
-        try:
-            task = self._task
-            if task is not None and not task.done():
-                task.cancel()
-                try:
-                    async with asyncio.timeout(TASK_STOP_TIMEOUT_SECONDS):
-                        await asyncio.wait({task})
-                except TimeoutError:
-                    logger.warning("mqtt %s: connection task did not stop in time", self.url)
-            if task is not None and task.done() and not task.cancelled():
-                exc = task.exception()
-                if exc is not None:
-                    logger.error("mqtt %s: connection task failed", self.url, exc_info=exc)
-        finally:
-            self._closed.set_result(None)
+        await self._loop.close()
 
     def _new_client(self) -> aiomqtt.Client:
         client = aiomqtt.Client(
@@ -256,24 +232,6 @@ class MqttRelay:
         _close_sockets_of_failed_handshakes(client)
         _fail_connect_on_early_disconnect(client)
         return client
-
-    async def _run(self) -> None:
-        while not self._closing:
-            try:
-                await self._connect_once()
-            except aiomqtt.MqttError as exc:
-                # why: aiomqtt raises MqttError for refused / lost connections and timeouts; a dead
-                # broker must never affect the others, so keep retrying with backoff.
-                logger.warning("mqtt %s: connection failed: %s", self.url, exc)
-            except Exception:
-                # why: unexpected paho/aiomqtt failures must not end discovery on this broker for
-                # good; log with traceback and reconnect like after any other failure.
-                logger.exception("mqtt %s: unexpected error", self.url)
-            if self._closing:
-                break
-            delay = self._backoff.next_delay()
-            logger.info("mqtt %s: reconnecting in %.2f s", self.url, delay)
-            await asyncio.sleep(delay)
 
     async def _connect_once(self) -> None:
         client = self._new_client()
@@ -366,7 +324,7 @@ def _abandon(client: aiomqtt.Client) -> None:
     paho.on_socket_unregister_write = None
 
 
-def _close_late_socket(client: object, userdata: object, sock: Any) -> None:  # noqa: ANN401, ARG001
+def _close_late_socket(client: object, userdata: object, sock: Any) -> None:  # noqa: ARG001
     sock.close()
 
 
@@ -385,12 +343,12 @@ def _close_sockets_of_failed_handshakes(client: aiomqtt.Client) -> None:
         return
     opened: list[Any] = []
 
-    def tracked_connection() -> Any:  # noqa: ANN401 - paho's socket type
+    def tracked_connection() -> Any:
         sock = create_connection()
         opened.append(sock)
         return sock
 
-    def guarded_create_socket() -> Any:  # noqa: ANN401 - paho's socket type
+    def guarded_create_socket() -> Any:
         opened.clear()
         try:
             return create_socket()
@@ -426,7 +384,7 @@ def _fail_connect_on_early_disconnect(client: aiomqtt.Client) -> None:
             connected.set_exception(aiomqtt.MqttError("connection closed before CONNACK"))
             connected.exception()  # nobody may await it any more: do not log it as unretrieved
 
-    def on_disconnect(*args: Any) -> None:  # noqa: ANN401 - paho's callback signature
+    def on_disconnect(*args: Any) -> None:
         original(*args)
         # paho may call this from aiomqtt's connect thread; futures belong to the loop's thread.
         with contextlib.suppress(RuntimeError):  # the loop is already closed

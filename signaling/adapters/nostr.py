@@ -9,7 +9,8 @@
   subscription id. A batch's REQ is re-sent when its topics change and after every reconnect;
   ids no longer needed are closed with ``["CLOSE", id]``. The relay's ``EOSE`` acknowledges a REQ.
 * Receive: only ``["EVENT", subId, event]`` for one of our subscription ids; the topic is the first
-  ``x`` tag and must be subscribed; an event id already delivered recently is dropped. Like Trystero, signatures and kinds are not verified (the
+  ``x`` tag and must be subscribed; an event id already delivered recently is dropped. Like
+  Trystero, signatures and kinds are not verified (the
   payloads are end-to-end encrypted by the strategy).
 """
 
@@ -29,14 +30,14 @@ from typing import Any, Literal
 from coincurve import PrivateKey
 from websockets.asyncio.client import ClientConnection
 
-from signaling.base import Backoff, TopicHandler
-from signaling.protocol.names import gen_id, nostr_kind
 from signaling.adapters.relaysocket import (
     MAX_MESSAGE_BYTES,
     OPEN_TIMEOUT_SECONDS,
-    RelaySocket,
+    TopicSocketAdapter,
     deliver_topic_message,
 )
+from signaling.base import Backoff, TopicHandler
+from signaling.protocol.names import gen_id, nostr_kind
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ RECENT_EVENT_IDS = 2048
 __all__ = ["NostrRelay", "build_event", "event_id", "nostr_kind", "process_key"]
 
 
-def _compact(value: Any) -> str:  # noqa: ANN401 - any JSON value
+def _compact(value: Any) -> str:
     # NIP-01 serialisation: no whitespace, UTF-8 kept as is (not \\u-escaped).
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
@@ -115,7 +116,7 @@ def _as_private_key(value: PrivateKey | bytes | str | None) -> PrivateKey:
     return PrivateKey(value)
 
 
-class NostrRelay:
+class NostrRelay(TopicSocketAdapter):
     """`TopicRelay` adapter for one Nostr relay.
 
     Args:
@@ -142,7 +143,6 @@ class NostrRelay:
         open_timeout_seconds: float = OPEN_TIMEOUT_SECONDS,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
-        self.url = url
         self._key = _as_private_key(private_key)
         self.pubkey = self._key.public_key_xonly.format().hex()
         """x-only public key, lower hex (the ``pubkey`` of our events)."""
@@ -154,41 +154,13 @@ class NostrRelay:
         self._sent: dict[str, tuple[str, ...]] = {}  # id -> topics of the REQ on this socket
         self._acks: dict[str, asyncio.Future[None]] = {}  # id -> resolved by EOSE
         self._recent: OrderedDict[str, None] = OrderedDict()  # event ids already delivered
-        self._socket = RelaySocket(
-            url,
-            backoff=backoff,
-            on_open=self._on_open,
-            on_text=self._on_text,
-            on_close=self._on_close,
-            open_timeout_seconds=open_timeout_seconds,
-            max_message_bytes=max_message_bytes,
-        )
-
-    def set_handler(self, handler: TopicHandler) -> None:
-        """Set the callback for inbound (topic, content); it must not block."""
-        self._handler = handler
+        super().__init__(url, backoff=backoff, open_timeout_seconds=open_timeout_seconds,
+                         max_message_bytes=max_message_bytes, on_close=self._on_close)
 
     @property
     def connected(self) -> bool:
         """True while the socket is open and the REQs were re-sent and acknowledged (bounded)."""
         return self._socket.connected
-
-    @property
-    def topics(self) -> tuple[str, ...]:
-        """The remembered subscriptions, in subscription order."""
-        return tuple(self._topics)
-
-    async def start(self) -> None:
-        """Start connecting in the background; returns at once."""
-        await self._socket.start()
-
-    async def wait_connected(self, timeout: float) -> bool:
-        """Wait up to `timeout` seconds for the connection; True when connected."""
-        return await self._socket.wait_connected(timeout)
-
-    async def wait_disconnected(self, timeout: float) -> bool:
-        """Wait up to `timeout` seconds until the socket is down; True when it is."""
-        return await self._socket.wait_disconnected(timeout)
 
     async def subscribe(self, topic: str) -> None:
         """Remember `topic`; when connected, re-send its batch's REQ and wait for ``EOSE`` (bounded)."""
@@ -210,10 +182,6 @@ class NostrRelay:
         event = build_event(self._key, topic, payload, int(self._clock()))
         logger.debug("nostr %s: EVENT %s kind %d", self.url, event["id"], event["kind"])
         return await self._socket.send_text(_compact(["EVENT", event]))
-
-    async def close(self) -> None:
-        """Close the socket and stop reconnecting. Idempotent."""
-        await self._socket.close()
 
     def _plan(self) -> tuple[list[str], list[str]]:
         """Bring `_sent` up to date with the topics; return the frames to send and the ids to await.
@@ -258,7 +226,7 @@ class NostrRelay:
             if len(done) < len(acks):
                 logger.warning("nostr %s: no EOSE within %.1f s", self.url, self._ack_timeout)
 
-    async def _on_open(self, socket: ClientConnection) -> None:  # noqa: ARG002
+    async def _on_open(self, socket: ClientConnection) -> None:
         self._sent.clear()
         await self._synchronise(wait=True)
 

@@ -26,7 +26,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.protocol import State
 
-from signaling.base import Backoff, TopicHandler
+from signaling.base import Backoff, ReconnectLoop, TopicHandler
 
 logger = logging.getLogger(__name__)
 
@@ -96,9 +96,8 @@ class RelaySocket:
         self._ready = asyncio.Event()
         self._down = asyncio.Event()
         self._down.set()
-        self._task: asyncio.Task[None] | None = None
-        self._closing = False
-        self._closed: asyncio.Future[None] | None = None
+        self._loop = ReconnectLoop(f"relay {url}", self._connect_once, self._backoff,
+                                   (OSError, TimeoutError, InvalidHandshake, ConnectionClosed))
         self.connections = 0
         """How many times a connection was opened (tests and metrics)."""
 
@@ -114,10 +113,7 @@ class RelaySocket:
 
     async def start(self) -> None:
         """Start connecting in the background; returns at once. Idempotent."""
-        if self._task is None and not self._closing:
-            self._task = asyncio.get_running_loop().create_task(
-                self._run(), name=f"signaling[{self.url}].socket"
-            )
+        self._loop.start()
 
     async def wait_connected(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds for ``connected``; returns it."""
@@ -148,44 +144,7 @@ class RelaySocket:
 
         Idempotent; concurrent callers wait for the first close.
         """
-        if self._closed is not None:
-            await self._closed
-            return
-        self._closed = asyncio.get_running_loop().create_future()
-        self._closing = True
-        try:
-            task = self._task
-            if task is not None and not task.done():
-                task.cancel()
-                try:
-                    async with asyncio.timeout(TASK_STOP_TIMEOUT_SECONDS):
-                        await asyncio.wait({task})
-                except TimeoutError:
-                    logger.warning("relay %s: connection task did not stop in time", self.url)
-            if task is not None and task.done() and not task.cancelled():
-                exc = task.exception()
-                if exc is not None:
-                    logger.error("relay %s: connection task failed", self.url, exc_info=exc)
-        finally:
-            self._closed.set_result(None)
-
-    async def _run(self) -> None:
-        while not self._closing:
-            try:
-                await self._connect_once()
-            except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed) as exc:
-                # why: each of these means "relay unreachable or gone"; Trystero keeps retrying
-                # (trystero-wire §6.6), and a dead relay must never affect the others.
-                logger.warning("relay %s: connection failed: %s", self.url, exc or type(exc).__name__)
-            except Exception:
-                # why: a bug in on_open / on_text must not end discovery on this relay for good;
-                # log it with its traceback and reconnect like after any other failure.
-                logger.exception("relay %s: unexpected error", self.url)
-            if self._closing:
-                break
-            delay = self._backoff.next_delay()
-            logger.info("relay %s: reconnecting in %.2f s", self.url, delay)
-            await asyncio.sleep(delay)
+        await self._loop.close()
 
     async def _connect_once(self) -> None:
         async with connect(
@@ -263,3 +222,62 @@ def deliver_topic_message(handler: TopicHandler | None, topic: str, payload: str
         handler(topic, payload)
     except Exception:
         logger.exception("relay %s: topic handler failed", url)
+
+
+class SocketAdapter:
+    """What every WebSocket relay adapter shares: one :class:`RelaySocket` and its lifecycle.
+
+    Subclasses implement ``_on_open(socket)`` and ``_on_text(text)``, and may pass `on_close`.
+    """
+
+    def __init__(self, url: str, *, backoff: Backoff | None = None,
+                 open_timeout_seconds: float = OPEN_TIMEOUT_SECONDS, max_message_bytes: int = MAX_MESSAGE_BYTES,
+                 on_close: Callable[[], None] | None = None) -> None:
+        self.url = url
+        self._socket = RelaySocket(url, backoff=backoff, on_open=self._on_open, on_text=self._on_text,
+                                   on_close=on_close, open_timeout_seconds=open_timeout_seconds,
+                                   max_message_bytes=max_message_bytes)
+
+    async def _on_open(self, socket: ClientConnection) -> None:
+        raise NotImplementedError
+
+    def _on_text(self, text: str) -> None:
+        raise NotImplementedError
+
+    @property
+    def connected(self) -> bool:
+        """True while the socket is open (and, for topic relays, the subscriptions were restored)."""
+        return self._socket.connected
+
+    async def start(self) -> None:
+        """Start connecting in the background; returns at once."""
+        await self._socket.start()
+
+    async def wait_connected(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the connection; True when connected."""
+        return await self._socket.wait_connected(timeout)
+
+    async def wait_disconnected(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds until the socket is down; True when it is."""
+        return await self._socket.wait_disconnected(timeout)
+
+    async def close(self) -> None:
+        """Close the socket and stop reconnecting. Idempotent."""
+        await self._socket.close()
+
+
+class TopicSocketAdapter(SocketAdapter):
+    """A topic relay over one WebSocket: remembered subscriptions and an inbound handler."""
+
+    _handler: TopicHandler | None
+    _topics: dict[str, None]
+    """Ordered set: restored in subscription order after a reconnect."""
+
+    def set_handler(self, handler: TopicHandler) -> None:
+        """Set the callback for inbound (topic, payload_text); it must not block."""
+        self._handler = handler
+
+    @property
+    def topics(self) -> tuple[str, ...]:
+        """The remembered subscriptions, in subscription order."""
+        return tuple(self._topics)

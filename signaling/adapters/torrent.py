@@ -17,13 +17,13 @@ from typing import Any, Literal
 
 from websockets.asyncio.client import ClientConnection
 
+from signaling.adapters.relaysocket import MAX_MESSAGE_BYTES, OPEN_TIMEOUT_SECONDS, SocketAdapter
 from signaling.base import Backoff, TrackerHandler
-from signaling.adapters.relaysocket import MAX_MESSAGE_BYTES, OPEN_TIMEOUT_SECONDS, RelaySocket
 
 logger = logging.getLogger(__name__)
 
 
-class TrackerClient:
+class TrackerClient(SocketAdapter):
     """`TrackerRelay` adapter for one WebTorrent tracker.
 
     Args:
@@ -37,45 +37,15 @@ class TrackerClient:
 
     kind: Literal["tracker"] = "tracker"
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        backoff: Backoff | None = None,
-        open_timeout_seconds: float = OPEN_TIMEOUT_SECONDS,
-        max_message_bytes: int = MAX_MESSAGE_BYTES,
-    ) -> None:
-        self.url = url
+    def __init__(self, url: str, *, backoff: Backoff | None = None, open_timeout_seconds: float = OPEN_TIMEOUT_SECONDS,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
         self._handler: TrackerHandler | None = None
-        self._socket = RelaySocket(
-            url,
-            backoff=backoff,
-            on_open=self._on_open,
-            on_text=self._on_text,
-            open_timeout_seconds=open_timeout_seconds,
-            max_message_bytes=max_message_bytes,
-        )
+        super().__init__(url, backoff=backoff, open_timeout_seconds=open_timeout_seconds,
+                         max_message_bytes=max_message_bytes)
 
     def set_handler(self, handler: TrackerHandler) -> None:
         """Set the callback for every JSON object the tracker sends; it must not block."""
         self._handler = handler
-
-    @property
-    def connected(self) -> bool:
-        """True while the socket is open."""
-        return self._socket.connected
-
-    async def start(self) -> None:
-        """Start connecting in the background; returns at once."""
-        await self._socket.start()
-
-    async def wait_connected(self, timeout: float) -> bool:
-        """Wait up to `timeout` seconds for the connection; True when connected."""
-        return await self._socket.wait_connected(timeout)
-
-    async def wait_disconnected(self, timeout: float) -> bool:
-        """Wait up to `timeout` seconds until the socket is down; True when it is."""
-        return await self._socket.wait_disconnected(timeout)
 
     async def send(self, message: dict[str, Any]) -> bool:
         """Send one JSON object (announce / answer) as compact JSON; False while disconnected."""
@@ -83,10 +53,6 @@ class TrackerClient:
             return False
         text = json.dumps(message, separators=(",", ":"), ensure_ascii=False)
         return await self._socket.send_text(text)
-
-    async def close(self) -> None:
-        """Close the socket and stop reconnecting. Idempotent."""
-        await self._socket.close()
 
     async def _on_open(self, socket: ClientConnection) -> None:
         """Nothing to restore: the strategy re-announces on its own cadence."""

@@ -9,6 +9,7 @@ and `ids`. Built for one machine (loopback); limits keep a misbehaving client fr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ MAX_SUBSCRIPTION_ID_CHARS = 64
 HEX64 = frozenset("0123456789abcdef")
 
 
-def _compact(value: Any) -> str:  # noqa: ANN401 - any JSON value
+def _compact(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
@@ -43,7 +44,8 @@ def check_event(event: object) -> str | None:
     if not isinstance(event, dict):
         return "invalid: event must be an object"
     pubkey, sig, ident = event.get("pubkey"), event.get("sig"), event.get("id")
-    kind, created_at, tags, content = event.get("kind"), event.get("created_at"), event.get("tags"), event.get("content")
+    kind, created_at = event.get("kind"), event.get("created_at")
+    tags, content = event.get("tags"), event.get("content")
     if not (_is_hex(pubkey, 64) and _is_hex(sig, 128) and _is_hex(ident, 64)):
         return "invalid: id, pubkey and sig must be lower-case hex"
     if not isinstance(kind, int) or isinstance(kind, bool) or not isinstance(created_at, int):
@@ -78,9 +80,9 @@ class _Filter:
             raise ValueError("filter must be an object")
         out = cls()
         for key, value in raw.items():
-            if key in {"kinds", "authors", "ids"} or (key.startswith("#") and len(key) == 2):
-                if not isinstance(value, list):
-                    raise ValueError(f"{key} must be a list")
+            if (key in {"kinds", "authors", "ids"} or (key.startswith("#") and len(key) == 2)) and not isinstance(
+                    value, list):
+                raise ValueError(f"{key} must be a list")
             if key == "kinds":
                 out.kinds = {v for v in value if isinstance(v, int)}
             elif key == "authors":
@@ -172,10 +174,8 @@ class NostrRelayServer:
             self._subscriptions.pop(connection, None)
 
     async def _send(self, connection: ServerConnection, message: list[Any]) -> None:
-        try:
+        with contextlib.suppress(ConnectionClosed):
             await connection.send(_compact(message))
-        except ConnectionClosed:
-            pass
 
     async def _on_frame(self, connection: ServerConnection, frame: str) -> None:
         try:

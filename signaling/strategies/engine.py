@@ -15,6 +15,7 @@ import logging
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 from meshnode.tasks import TaskOwner
@@ -237,6 +238,7 @@ class NegotiationEngine:
         self._timers: set[TimerHandle] = set()
         self._warned: set[tuple[str, str]] = set()
         self._closed = False
+        self._started = False
         self._close_lock = asyncio.Lock()
         self.dropped = 0
         """Signals dropped (malformed, undecryptable, queue full) — for tests and metrics."""
@@ -266,6 +268,27 @@ class NegotiationEngine:
         neg.applied.pop(id(handle), None)
         if neg.idle and peer_id not in self._workers:
             del self._negotiations[peer_id]
+
+    async def _start_relays(self, relays: list[Any], on_message: Callable[..., None],
+                            joined: Callable[[Any], Awaitable[None]], what: str) -> None:
+        """Start every relay (not waiting for its socket) and run `joined` once each is connected.
+
+        Returns once every relay was asked to connect, so one dead relay never blocks the others.
+        """
+        if self._started:
+            return
+        self._started = True
+        for relay in relays:
+            relay.set_handler(partial(on_message, relay))
+            await relay.start()
+            self._tasks.spawn(self._when_connected(relay, joined, what), f"join[{relay.url}]")
+
+    async def _when_connected(self, relay: Any, joined: Callable[[Any], Awaitable[None]], what: str) -> None:
+        # Announcing into a socket that is still connecting drops the message and delays discovery
+        # to the next warm-up point: start once the relay is up.
+        while not await relay.wait_connected(RELAY_CONNECT_WAIT_SECONDS):
+            logger.info("%s %s is not reachable yet; still waiting", what, relay.url)
+        await joined(relay)
 
     # -- per-peer workers --------------------------------------------------------------------------
 

@@ -27,7 +27,6 @@ from signaling.protocol import messages, names
 from signaling.protocol.messages import Signal
 from signaling.strategies.engine import (
     OFFER_ID_LENGTH,
-    RELAY_CONNECT_WAIT_SECONDS,
     UNSUBSCRIBE_TIMEOUT_SECONDS,
     Answering,
     Clock,
@@ -86,7 +85,6 @@ class TopicStrategy(NegotiationEngine):
         if not relays:
             raise ValueError("at least one relay is needed")
         self.relays = list(relays)
-        self._started = False
 
     async def start(self) -> None:
         """Start the relays, subscribe (self topic, then root) and begin announcing.
@@ -94,19 +92,9 @@ class TopicStrategy(NegotiationEngine):
         Returns once every relay was asked to connect; subscriptions and announcements proceed in
         the background, so one dead relay never blocks the others (§5.1).
         """
-        if self._started:
-            return
-        self._started = True
-        for relay in self.relays:
-            relay.set_handler(partial(self._on_relay_message, relay))
-            await relay.start()
-            self._tasks.spawn(self._join_relay(relay), f"join[{relay.url}]")
+        await self._start_relays(self.relays, self._on_relay_message, self._join_relay, "relay")
 
     async def _join_relay(self, relay: TopicRelay) -> None:
-        # The warm-up announcements only help once the relay is up: announcing into a socket that
-        # is still connecting drops them and delays discovery to the next warm-up point.
-        while not await relay.wait_connected(RELAY_CONNECT_WAIT_SECONDS):
-            logger.info("relay %s is not reachable yet; still waiting", relay.url)
         # §5.1: self topic first, then root, then announce.
         await relay.subscribe(self.self_topic)
         await relay.subscribe(self.root_topic)

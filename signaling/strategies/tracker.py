@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from signaling.protocol import messages, names
 from signaling.base import TrackerRelay
+from signaling.protocol import messages, names
 from signaling.protocol.messages import (
     TrackerAnnounceReply,
     TrackerAnswer,
@@ -25,17 +25,16 @@ from signaling.protocol.messages import (
     TrackerOffer,
 )
 from signaling.strategies.engine import (
-    RELAY_CONNECT_WAIT_SECONDS,
+    Answering,
     Clock,
     JoinErrorHandler,
+    Negotiation,
+    NegotiationEngine,
     NegotiationError,
+    Offer,
     PeerFactory,
     StrategyTimers,
     TimerHandle,
-    Answering,
-    NegotiationEngine,
-    Negotiation,
-    Offer,
 )
 
 __all__ = ["TORRENT_ID_LENGTH", "TrackerStrategy"]
@@ -112,22 +111,12 @@ class TrackerStrategy(NegotiationEngine):
         self._nudged: set[str] = set()
         self._seen: dict[tuple[str, str, str], float] = {}
         self._notices: set[str] = set()
-        self._started = False
 
     async def start(self) -> None:
         """Start the trackers and the announce schedule (returns without waiting for sockets)."""
-        if self._started:
-            return
-        self._started = True
-        for relay in self.relays:
-            relay.set_handler(partial(self._on_tracker_message, relay))
-            await relay.start()
-            self._tasks.spawn(self._join_tracker(relay), f"join[{relay.url}]")
+        await self._start_relays(self.relays, self._on_tracker_message, self._join_tracker, "tracker")
 
     async def _join_tracker(self, relay: TrackerRelay) -> None:
-        # Start the warm-up schedule once the socket is up (announces need a connection).
-        while not await relay.wait_connected(RELAY_CONNECT_WAIT_SECONDS):
-            logger.info("tracker %s is not reachable yet; still waiting", relay.url)
         self._schedule_announce(relay, 0)
 
     async def close(self) -> None:

@@ -224,7 +224,7 @@ async def browser() -> AsyncIterator[Any]:
     if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
         _unavailable(f"Chromium not found at {CHROMIUM} (apt-get install chromium, or set MESHNODE_CHROMIUM)")
     try:
-        from playwright.async_api import async_playwright  # noqa: PLC0415 - optional test dependency
+        from playwright.async_api import async_playwright
     except ImportError:
         _unavailable("the Python package playwright is not installed")
     tmp = Path(tempfile.mkdtemp(prefix="meshnode-chromium-"))
@@ -506,12 +506,12 @@ async def py_room(request: pytest.FixtureRequest) -> AsyncIterator[PyRoomFactory
     always adds ``ice_servers=[]`` and the aioice override ``only ["127.0.0.1"]`` (test-harness §9),
     so it works inside a loopback-only namespace and on a host network alike.
     """
-    from meshnode.room import Room, RoomConfig  # noqa: PLC0415 - only the interop tests need it
+    from meshnode.room import Room, RoomConfig
 
     rooms: list[Any] = []
 
     async def join(**settings: Any) -> Any:
-        loopback = {"ice_servers": [], "host_addresses_mode": "only", "host_addresses": ["127.0.0.1"]}
+        loopback = {"ice_servers": []}
         settings = {**loopback, **settings}
         room = await asyncio.wait_for(Room.join(RoomConfig(**settings)), PY_JOIN_TIMEOUT_SECONDS)
         rooms.append(room)

@@ -30,7 +30,7 @@ SCREENSHOT = ROOT / "docs" / "demo.png"
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def demo(embedded_loaded: Any) -> AsyncIterator[Demo]:  # noqa: F811
+async def demo(embedded_loaded: Any) -> AsyncIterator[Demo]:
     build_client()
     settings, _ = load_settings(None, env={}, flags={("engine", "default_max_tokens"): 24})
     async with make_backend(embedded_loaded, max_concurrent=4) as engine:

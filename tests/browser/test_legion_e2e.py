@@ -29,9 +29,8 @@ import pytest
 import pytest_asyncio
 
 from meshnode.cli.config import load_settings
-from meshnode.generation.api import SamplingParams
-from meshnode.wire.maps import Detokenizer
 from meshnode.node.node import Node
+from meshnode.wire.maps import Detokenizer
 from tests.fixtures_model import embedded_loaded, local_text, make_backend  # noqa: F401
 
 from .conftest import RELAY_FIXTURES, ROOT, _failed, _unavailable
@@ -227,7 +226,7 @@ def client_dist() -> Path:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session", params=STRATEGIES)
-async def mesh(request: pytest.FixtureRequest, embedded_loaded: Any, browser: Any,  # noqa: F811
+async def mesh(request: pytest.FixtureRequest, embedded_loaded: Any, browser: Any,
                client_dist: Path) -> AsyncIterator[Mesh]:
     """A node with the embedded model serving the client page, in a fresh room on the local relay."""
     from meshnode.node.webapp import bound_url, start_web
@@ -489,6 +488,6 @@ async def test_page_detokenizer_matches_python(mesh: Mesh, tabs: tuple[ClientTab
         chunks = [ids[i:j] for i, j in zip([0, *cuts], [*cuts, len(ids)], strict=True)]
         py = Detokenizer(doc)
         expected = [py.render(c, partial=k < len(chunks) - 1) for k, c in enumerate(chunks)]
-        got = await alice.eval("([m, c]) => meshClient.detokenize(m, c)", [info.map_id, chunks])
+        got = await alice.eval("([m, c]) => meshClient.detokenize(m, c)", [mesh.engine.info.map_id, chunks])
         assert got == expected, (ids, chunks)
 

@@ -75,7 +75,7 @@ def room_token(app_id: str, room_id: str) -> str:
 def forced_id(prefix: str) -> str:
     """A 20-character selfId that sorts before ("0000…") or after ("zzzz…") any browser id."""
     alphabet = string.digits + string.ascii_letters
-    return prefix + "".join(random.choice(alphabet) for _ in range(20 - len(prefix)))  # noqa: S311
+    return prefix + "".join(random.choice(alphabet) for _ in range(20 - len(prefix)))
 
 
 def js_progress(i: int, n: int) -> int:

@@ -118,9 +118,9 @@ async def run_scenario(app: str) -> dict[str, Any]:
 
         figures.update(attacks=attacks, honest_without_abuse=stats(baseline), honest_during_abuse=stats(during),
                        streams_held_during_abuse=len(during), tokens_lost=0,
-                       node={"peers_dropped": node_room._mesh.dropped_peers,  # noqa: SLF001
-                             "service_strikes": service.strikes, "reassembler_drops": node_room._reassembler.dropped,  # noqa: SLF001
-                             "pending_bytes_after": node_room._reassembler.pending_bytes})  # noqa: SLF001
+                       node={"peers_dropped": node_room._mesh.dropped_peers,
+                             "service_strikes": service.strikes, "reassembler_drops": node_room._reassembler.dropped,
+                             "pending_bytes_after": node_room._reassembler.pending_bytes})
         return figures
     finally:
         await honest.close()

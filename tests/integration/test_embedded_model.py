@@ -14,9 +14,9 @@ import time
 import pytest
 
 from meshnode.generation.api import SamplingParams
+from meshnode.generation.models import EMBEDDED_MODEL_ID, LoadedModel, default_cache_dir, resolve_model
 from meshnode.generation.text import HFText
 from meshnode.generation.torch_backend import TorchEngine
-from meshnode.generation.models import EMBEDDED_MODEL_ID, LoadedModel, default_cache_dir, resolve_model
 
 pytestmark = pytest.mark.model
 

@@ -26,10 +26,10 @@ import aioice.ice
 import pytest
 
 from meshnode.node import node as node_module
-from signaling.base import Backoff
 from signaling.adapters.memory import MemoryHub
-from signaling.protocol.names import gen_id
 from signaling.adapters.wsrelay import WsRelay
+from signaling.base import Backoff
+from signaling.protocol.names import gen_id
 from tests.fakes import TimedEngine, expected_ids
 from tests.meshkit import Asker, join_room, node_settings, start_node
 
@@ -120,9 +120,9 @@ def _silence(room: Any, node_id: str) -> None:
     """Make `room`'s connection to the node go quiet without a goodbye: drop every packet it would
     send or receive (no DTLS close_notify, no SCTP ABORT, no @_leave), like a tab whose machine
     lost its network."""
-    link = room._mesh.live[node_id]  # noqa: SLF001
-    connection = link._pc.sctp.transport.transport._connection  # noqa: SLF001 - RTCIceTransport -> aioice
-    for protocol in connection._protocols:  # noqa: SLF001
+    link = room._mesh.live[node_id]
+    connection = link._pc.sctp.transport.transport._connection
+    for protocol in connection._protocols:
         protocol.send_stun = lambda *args, **kwargs: None
         protocol.send_data = lambda *args, **kwargs: asyncio.sleep(0)
         protocol.datagram_received = lambda *args, **kwargs: None

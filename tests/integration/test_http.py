@@ -11,8 +11,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from meshnode.http.requests import Limits
 from meshnode.http.server import CodecHttpApp
-from meshnode.wire.maps import Detokenizer, parse_map
 from meshnode.wire.frames import StreamDecoder
+from meshnode.wire.maps import Detokenizer, parse_map
 from tests.fixtures_model import embedded_loaded, make_backend  # noqa: F401
 
 pytestmark = [pytest.mark.model, pytest.mark.integration]

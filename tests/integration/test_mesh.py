@@ -7,15 +7,13 @@ equal what the engine generates locally for the same request.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from meshnode.legion.client import ask
 from meshnode.cli.config import load_settings
-from meshnode.generation.api import SamplingParams
+from meshnode.legion.client import ask
 from meshnode.node.assembly import room_config
 from meshnode.node.node import Node
 from meshnode.room import Room

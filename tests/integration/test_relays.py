@@ -16,12 +16,13 @@ from typing import Any
 
 import pytest
 
-from signaling.base import Backoff, TopicRelay, TrackerRelay
 from signaling.adapters.mqtt import MqttRelay
+from signaling.adapters.torrent import TrackerClient
+from signaling.adapters.wsrelay import WsRelay
+from signaling.base import Backoff, TopicRelay, TrackerRelay
 from signaling.protocol.names import gen_id
 from signaling.registry import get_adapter_class
-from signaling.adapters.torrent import TrackerClient
-from signaling.adapters.wsrelay import WsRelay, WsRelayServer
+from signaling.servers.wsrelay import WsRelayServer
 from tests import relays
 
 pytestmark = pytest.mark.integration
@@ -67,11 +68,11 @@ class Inbox:
         self.items: list[Any] = []
         self._arrived = asyncio.Event()
 
-    def __call__(self, *item: Any) -> None:  # noqa: ANN401 - (topic, payload) or (dict,)
+    def __call__(self, *item: Any) -> None:
         self.items.append(item if len(item) > 1 else item[0])
         self._arrived.set()
 
-    async def wait_for(self, predicate: Callable[[Any], bool], timeout: float = WAIT_SECONDS) -> Any:  # noqa: ANN401
+    async def wait_for(self, predicate: Callable[[Any], bool], timeout: float = WAIT_SECONDS) -> Any:
         """The first recorded item matching `predicate`, waiting up to `timeout` seconds for it."""
         async with asyncio.timeout(timeout):
             seen = 0
@@ -385,7 +386,7 @@ async def test_relay_that_comes_up_later(request: pytest.FixtureRequest, kind: s
 # ---------------------------------------------------------------------------------------------
 
 
-def announce(info_hash: str, peer_id: str, **fields: Any) -> dict[str, Any]:  # noqa: ANN401
+def announce(info_hash: str, peer_id: str, **fields: Any) -> dict[str, Any]:
     return {"action": "announce", "info_hash": info_hash, "peer_id": peer_id, "numwant": 3, **fields}
 
 

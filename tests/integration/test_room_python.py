@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from meshnode.room import PeerEvent, Room, RoomClosed, RoomConfig
-from signaling.base import Backoff
 from signaling.adapters.memory import MemoryHub
+from signaling.base import Backoff
 from signaling.protocol.names import gen_id
 from signaling.strategies.engine import StrategyTimers
 
@@ -259,7 +259,7 @@ async def test_two_rooms_share_one_connection() -> None:
         assert (await receive(b2.make_action("x"))).payload == "in two"
         # Room-level demultiplexing: nothing leaked into room one.
         assert len(b1.make_action("x").mailbox) == 0
-        from meshnode.room.mesh import AppMesh  # noqa: PLC0415
+        from meshnode.room.mesh import AppMesh
 
         mesh = AppMesh.get(ids[0], network.app_id)
         assert list(mesh.live) == [ids[1]]  # one connection for both rooms
@@ -281,7 +281,7 @@ async def test_a_second_connection_replaces_the_first() -> None:
         a = await network.join(self_id=ids[0])
         b = await network.join(self_id=ids[1])
         await joined(a, b)
-        mesh_a, mesh_b = a._mesh, b._mesh  # noqa: SLF001
+        mesh_a, mesh_b = a._mesh, b._mesh
         assert mesh_a is not None and mesh_b is not None
         first_a, first_b = mesh_a.live[ids[1]], mesh_b.live[ids[0]]
         # A second connection negotiated outside the strategies, as a crossed offer would be.
@@ -308,14 +308,14 @@ async def test_a_connection_without_a_handshake_is_closed(monkeypatch: pytest.Mo
         ids = (peer_id(SMALL_PREFIX), peer_id(LARGE_PREFIX))
         a = await network.join(self_id=ids[0], handshake_timeout_seconds=1.5)
         b = await network.join(self_id=ids[1], handshake_timeout_seconds=60.0)
-        silent = b._send_internal  # noqa: SLF001
+        silent = b._send_internal
 
         async def never_ready(binding: Any, name: str, payload: Any) -> None:
             if name != "@_hsready":
                 await silent(binding, name, payload)
 
         monkeypatch.setattr(b, "_send_internal", never_ready)
-        mesh_a = a._mesh  # noqa: SLF001
+        mesh_a = a._mesh
         assert mesh_a is not None
         failures: asyncio.Queue[tuple[str, str, Any]] = asyncio.Queue()
         a.on_join_error(lambda peer, reason: failures.put_nowait((peer, reason, mesh_a.live.get(peer))))
@@ -336,7 +336,7 @@ def fast_backoff() -> Backoff:
 async def test_relay_restart_keeps_channels_and_admits_new_peer(
     kind: str, request: pytest.FixtureRequest
 ) -> None:
-    from signaling.registry import get_adapter_class  # noqa: PLC0415
+    from signaling.registry import get_adapter_class
 
     if kind == "memory":
         network = Net(kind="memory", app_id=unique_app(request), url=None)
@@ -424,8 +424,8 @@ def _ufrag(sdp: str) -> str:
 @pytest.mark.parametrize("early", [True, False])
 async def test_peerlink_trickled_answer_candidates(early: bool) -> None:
     """A browser answers before gathering and trickles candidates, possibly before the answer."""
-    from meshnode.transport.ice import install_host_address_override  # noqa: PLC0415
-    from meshnode.transport.peer import PeerLink  # noqa: PLC0415
+    from meshnode.transport.ice import install_host_address_override
+    from meshnode.transport.peer import PeerLink
 
     install_host_address_override("only", ["127.0.0.1"])
     received: asyncio.Queue[bytes] = asyncio.Queue()
@@ -462,20 +462,20 @@ async def test_peerlink_trickled_answer_candidates(early: bool) -> None:
 
 
 def test_host_address_override_modes() -> None:
-    import aioice.ice  # noqa: PLC0415
+    import aioice.ice
 
-    from meshnode.transport import ice as peer  # noqa: PLC0415
+    from meshnode.transport import ice as peer
 
-    before = peer._installed_override  # noqa: SLF001 - process-wide state, restored below
+    before = peer._installed_override
     try:
         peer.install_host_address_override("only", ["127.0.0.1", "::1"])
         assert aioice.ice.get_host_addresses(True, False) == ["127.0.0.1"]
         assert aioice.ice.get_host_addresses(True, True) == ["127.0.0.1", "::1"]
         peer.install_host_address_override("append", ["127.0.0.1"])
-        base = peer._original_get_host_addresses(True, False)  # noqa: SLF001
+        base = peer._original_get_host_addresses(True, False)
         assert aioice.ice.get_host_addresses(True, False) == [*base, "127.0.0.1"]
         peer.install_host_address_override("auto", [])
-        assert aioice.ice.get_host_addresses is peer._original_get_host_addresses  # noqa: SLF001
+        assert aioice.ice.get_host_addresses is peer._original_get_host_addresses
         with pytest.raises(ValueError):
             peer.install_host_address_override("sometimes", [])  # type: ignore[arg-type]
     finally:

@@ -20,7 +20,7 @@ import pytest
 
 from signaling.adapters.memory import MemoryHub
 from signaling.protocol.names import gen_id, signalling_key
-from signaling.protocol.sealing import SealError, Sealer
+from signaling.protocol.sealing import Sealer, SealError
 from tests.fakes import TimedEngine, expected_ids
 from tests.meshkit import Asker, join_room, node_settings, start_node
 

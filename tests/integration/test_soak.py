@@ -29,7 +29,7 @@ async def test_two_minute_soak_stays_flat() -> None:
     assert result["streams_with_lost_tokens"] == 0
     assert result["peers_joined_and_left"] >= 15
     left = result["left_over_after_all_left"]
-    assert left["node_links"] == 0 and left["node_calls"] == 0 and left["node_budgets"] == 0
+    assert left["node_links"] == 0 and left["node_calls"] == 0 and left["node_budgets_after_their_window"] == 0
     # On a loaded machine aiortc may not finish closing one connection within the settle minute
     # (RTCPeerConnection.close() is bounded at 5 s by PeerLink and then abandoned): its two ends
     # (both in this process) may still exist; ~30 peers with ~10 connections each came and went,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from meshnode.cli.main import FLAG_KEYS, build_parser
 from meshnode.cli.config import default_toml, describe, known_keys, load_settings
+from meshnode.cli.main import FLAG_KEYS, build_parser
 from meshnode.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]

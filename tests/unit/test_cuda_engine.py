@@ -18,13 +18,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from meshnode.errors import AdmissionError
+from meshnode.generation.api import SamplingParams, TokenEngine, TokenStream
 from meshnode.generation.cuda.backend import CudaEngine
 from meshnode.generation.cuda.decoder import SlotDecoder, supports_model
 from meshnode.generation.cuda.sampler import sample_row_exact, sample_rows, sample_rows_exact, seed_key
-from meshnode.generation.api import TokenEngine, SamplingParams, TokenStream
 from meshnode.generation.engine import Engine
 from meshnode.generation.torch_backend import TorchEngine
-from meshnode.errors import AdmissionError
 from tests.fakes import CharTokenizer
 
 TIMEOUT_SECONDS = 60.0

@@ -15,11 +15,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from meshnode.errors import AdmissionError
 from meshnode.generation import torch_backend as engine_module
+from meshnode.generation.api import SamplingParams, TokenEngine, TokenStream
 from meshnode.generation.text import HFText
-from meshnode.generation.api import TokenEngine, SamplingParams, TokenStream
 from meshnode.generation.torch_backend import TorchEngine, sample_next_token
-from meshnode.errors import AdmissionError, ModelError
 from tests.fakes import CharTokenizer
 
 TIMEOUT_SECONDS = 20.0
@@ -349,7 +349,7 @@ async def test_admission_errors(tiny_model: LlamaForCausalLM) -> None:
                 with pytest.raises(AdmissionError) as caught:
                     engine.generate(ids, params)
                 assert caught.value.field == field, ids
-            assert "at most 16" in str(
+            assert "limit is 16" in str(
                 pytest.raises(AdmissionError, engine.generate, list(range(100, 117))).value
             )
         no_tokenizer = TorchEngine(tiny_model, None)

@@ -13,13 +13,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from meshnode.errors import AdmissionError
 from meshnode.generation.api import SamplingParams
 from meshnode.generation.torch_backend import TorchEngine
-from meshnode.errors import AdmissionError
-from meshnode.room.inbound import InboundLimits, TokenBucket
-from meshnode.room.mailbox import Mailbox
 from meshnode.legion.outbox import MAX_OPTIONAL_PENDING
 from meshnode.legion.service import LegionService
+from meshnode.room.inbound import InboundLimits, TokenBucket
+from meshnode.room.mailbox import Mailbox
 from meshnode.wire import legion
 from meshnode.wire.envelopes import decode_cf_payload
 from tests.fakes import FAIL_MARKER, TimedEngine, expected_ids

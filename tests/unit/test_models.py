@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from meshnode.generation import models
 from meshnode.errors import ModelError
+from meshnode.generation import models
 
 
 def tiny_llama() -> LlamaForCausalLM:
@@ -128,8 +128,9 @@ def test_incomplete_cache_is_converted_again(fake_gguf: Path, tmp_path: Path) ->
 def test_resolve_local_folder(tmp_path: Path) -> None:
     folder = tmp_path / "my-model"
     tiny_llama().save_pretrained(folder)
+    from tokenizers import Tokenizer
+    from tokenizers import models as tokenizer_models
     from transformers import PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models as tokenizer_models
 
     fast = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer(tokenizer_models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>"))

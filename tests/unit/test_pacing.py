@@ -8,8 +8,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from meshnode.link.costs import PacingConfig, WireCosts, predict
-from meshnode.link.costs import UnitLoad
+from meshnode.link.costs import PacingConfig, UnitLoad, WireCosts, predict
 from meshnode.link.pacer import Pacer, decode_mux_body
 from meshnode.wire.compression import StreamDecompressor
 from meshnode.wire.envelopes import DATA, decode_cf_payload

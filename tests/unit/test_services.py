@@ -11,11 +11,11 @@ import pytest
 from meshnode.generation.api import CodecMapInfo
 from meshnode.legion.roster import elect_ai_responder
 from meshnode.legion.service import LegionService, ServiceConfig
-from tests.fakes import fake_backend
 from meshnode.wire import legion
 from meshnode.wire.compression import StreamDecompressor
 from meshnode.wire.envelopes import DATA, END, HELLO, READY, Envelope, decode_cf_payload, encode_envelope
 from meshnode.wire.frames import CodecFrame, decode_frame
+from tests.fakes import fake_backend
 
 
 @dataclass

@@ -15,9 +15,11 @@ import pytest
 from coincurve import PrivateKey, PublicKeyXOnly
 
 from signaling import registry
-from signaling.base import Backoff, SignalingError, TopicRelay, TrackerRelay
 from signaling.adapters.mqtt import MqttRelay
 from signaling.adapters.nostr import NostrRelay, build_event, event_id, nostr_kind, process_key
+from signaling.adapters.torrent import TrackerClient
+from signaling.adapters.wsrelay import WsRelay
+from signaling.base import Backoff, SignalingError, TopicRelay, TrackerRelay
 from signaling.registry import (
     BUILTIN_ADAPTERS,
     DEFAULT_RELAYS,
@@ -26,8 +28,6 @@ from signaling.registry import (
     adapter_names,
     get_adapter_class,
 )
-from signaling.adapters.torrent import TrackerClient
-from signaling.adapters.wsrelay import WsRelay
 
 # ---------------------------------------------------------------------------------------------
 # Backoff
@@ -91,7 +91,7 @@ class FakeRelay:
 NOT_A_CLASS = object()
 
 
-def fake_entry_points(*entries: tuple[str, str]) -> Any:  # noqa: ANN401
+def fake_entry_points(*entries: tuple[str, str]) -> Any:
     points = [metadata.EntryPoint(name, value, registry.ENTRY_POINT_GROUP) for name, value in entries]
 
     def entry_points(*, group: str) -> list[metadata.EntryPoint]:
@@ -126,7 +126,7 @@ def test_importing_the_registry_imports_no_adapter() -> None:
         "bad = [m for m in ('signaling.adapters.mqtt', 'signaling.adapters.nostr', 'aiomqtt', 'websockets') "
         "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
     )
-    result = subprocess.run(  # noqa: S603 - fixed command
+    result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -277,8 +277,8 @@ def test_req_batches_of_at_most_250_topics() -> None:
     relay = NostrRelay("ws://127.0.0.1:1", clock=lambda: 1000.9)
     topics = [f"topic{i}" for i in range(600)]
     for topic in topics:
-        relay._topics[topic] = None  # noqa: SLF001 - exercising the sans-IO planner
-    frames, awaited = relay._plan()  # noqa: SLF001
+        relay._topics[topic] = None
+    frames, awaited = relay._plan()
     messages = [json.loads(frame) for frame in frames]
     assert [m[0] for m in messages] == ["REQ", "REQ", "REQ"]
     assert awaited == [m[1] for m in messages]
@@ -291,15 +291,15 @@ def test_req_batches_of_at_most_250_topics() -> None:
         assert query["since"] == 1000
         assert query["kinds"] == kinds_of(query["#x"])
     # Nothing changed: nothing to send.
-    assert relay._plan() == ([], [])  # noqa: SLF001
+    assert relay._plan() == ([], [])
     # Appending touches only the last batch, under the same id.
-    relay._topics["extra"] = None  # noqa: SLF001
-    frames, awaited = relay._plan()  # noqa: SLF001
+    relay._topics["extra"] = None
+    frames, awaited = relay._plan()
     assert [json.loads(f)[1] for f in frames] == [messages[2][1]]
     # Dropping to one batch re-sends it and closes the superfluous ids.
     for topic in topics[100:] + ["extra"]:
-        del relay._topics[topic]  # noqa: SLF001
-    frames, _ = relay._plan()  # noqa: SLF001
+        del relay._topics[topic]
+    frames, _ = relay._plan()
     assert [json.loads(f) for f in frames] == [
         ["REQ", messages[0][1], {"kinds": kinds_of(topics[:100]), "since": 1000, "#x": topics[:100]}],
         ["CLOSE", messages[1][1]],
@@ -307,7 +307,7 @@ def test_req_batches_of_at_most_250_topics() -> None:
     ]
 
 
-def _inbox(items: list[Any]) -> Any:  # noqa: ANN401
+def _inbox(items: list[Any]) -> Any:
     return lambda *item: items.append(item)
 
 
@@ -315,33 +315,33 @@ def test_nostr_receives_only_our_subscriptions_and_topics() -> None:
     relay = NostrRelay("ws://127.0.0.1:1")
     received: list[Any] = []
     relay.set_handler(_inbox(received))
-    relay._topics["t1"] = None  # noqa: SLF001
-    frames, _ = relay._plan()  # noqa: SLF001
+    relay._topics["t1"] = None
+    frames, _ = relay._plan()
     sub = json.loads(frames[0])[1]
     event = build_event(PrivateKey(), "t1", "hi", 1)
-    relay._on_text(json.dumps(["EVENT", sub, event]))  # noqa: SLF001
-    relay._on_text(json.dumps(["EVENT", "other-sub", event]))  # noqa: SLF001
-    relay._on_text(json.dumps(["EVENT", sub, build_event(PrivateKey(), "t2", "no", 1)]))  # noqa: SLF001
-    relay._on_text(json.dumps(["EVENT", sub, event]))  # noqa: SLF001 - a replay: dropped
+    relay._on_text(json.dumps(["EVENT", sub, event]))
+    relay._on_text(json.dumps(["EVENT", "other-sub", event]))
+    relay._on_text(json.dumps(["EVENT", sub, build_event(PrivateKey(), "t2", "no", 1)]))
+    relay._on_text(json.dumps(["EVENT", sub, event]))
     second = build_event(PrivateKey(), "t1", "again", 2)
     second["tags"] = [["p", "x"], ["x", "t1"], ["x", "t2"]]  # the first x tag names the topic
-    relay._on_text(json.dumps(["EVENT", sub, second]))  # noqa: SLF001
+    relay._on_text(json.dumps(["EVENT", sub, second]))
     for garbage in ("nope", "{}", "[]", "[1]", '["EVENT"]', f'["EVENT","{sub}",5]', '["NOTICE","slow down"]',
                     '["OK","id",false,"duplicate: same"]', '["OK","id",false,"blocked"]', f'["EOSE","{sub}"]',
                     f'["CLOSED","{sub}","bye"]', '["AUTH","c"]'):
-        relay._on_text(garbage)  # noqa: SLF001
+        relay._on_text(garbage)
     assert received == [("t1", "hi"), ("t1", "again")]
 
 
 def test_handler_failure_is_contained(caplog: pytest.LogCaptureFixture) -> None:
     relay = WsRelay("ws://127.0.0.1:1")
-    relay._topics["t"] = None  # noqa: SLF001
+    relay._topics["t"] = None
 
     def explode(topic: str, payload: str) -> None:
         raise RuntimeError("boom")
 
     relay.set_handler(explode)
-    relay._on_text('{"topic":"t","payload":"p"}')  # noqa: SLF001
+    relay._on_text('{"topic":"t","payload":"p"}')
     assert any(r.levelname == "ERROR" for r in caplog.records)
 
 
@@ -354,7 +354,7 @@ def test_wsrelay_client_filters_frames() -> None:
     relay = WsRelay("ws://127.0.0.1:1")
     received: list[Any] = []
     relay.set_handler(_inbox(received))
-    relay._topics["t"] = None  # noqa: SLF001
+    relay._topics["t"] = None
     for frame in (
         '{"topic":"t","payload":"text"}',
         '{"topic":"t","payload":{"peerId":"\u00e9"}}',
@@ -365,7 +365,7 @@ def test_wsrelay_client_filters_frames() -> None:
         '["t","x"]',
         "not json",
     ):
-        relay._on_text(frame)  # noqa: SLF001
+        relay._on_text(frame)
     assert received == [("t", "text"), ("t", '{"peerId":"\u00e9"}')]
 
 
@@ -374,7 +374,7 @@ def test_tracker_client_drops_non_objects() -> None:
     received: list[Any] = []
     client.set_handler(received.append)
     for frame in ('{"action":"announce","interval":120}', "[1,2]", '"text"', "null", "garbage", "{}"):
-        client._on_text(frame)  # noqa: SLF001
+        client._on_text(frame)
     assert received == [{"action": "announce", "interval": 120}, {}]
 
 
@@ -399,13 +399,13 @@ def test_mqtt_url(
     url: str, transport: str, host: str, port: int, path: str | None, tls: bool, user: str | None, password: str | None
 ) -> None:
     relay = MqttRelay(url)
-    assert relay._transport == transport  # noqa: SLF001
-    assert relay._hostname == host  # noqa: SLF001
-    assert relay._port == port  # noqa: SLF001
-    assert relay._websocket_path == path  # noqa: SLF001
-    assert (relay._tls_context is not None) is tls  # noqa: SLF001
-    assert relay._username == user  # noqa: SLF001
-    assert relay._password == password  # noqa: SLF001
+    assert relay._transport == transport
+    assert relay._hostname == host
+    assert relay._port == port
+    assert relay._websocket_path == path
+    assert (relay._tls_context is not None) is tls
+    assert relay._username == user
+    assert relay._password == password
 
 
 def test_mqtt_client_id() -> None:

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from signaling.protocol import messages, names
 from signaling.adapters.memory import MemoryHub, MemoryRelay
+from signaling.protocol import messages, names
 from signaling.protocol.messages import Candidate
 from signaling.protocol.sealing import Sealer
 from signaling.strategies.engine import StrategyTimers
@@ -644,7 +644,7 @@ async def test_torrent_crossed_offers_resolve_to_the_smaller_ids_offer(me: str, 
     strategy = make_tracker_strategy(tracker, me, factory)
     await strategy.start()
     await tracker.next_sent(lambda m: "offers" in m)
-    pool = strategy._pools[tracker]  # noqa: SLF001 - white-box: an empty pool makes us answer
+    pool = strategy._pools[tracker]
     saved = dict(pool)
     pool.clear()
     tracker.inject(tracker_signal(strategy, "offer", "R" * 20, remote, "v=0 their offer"))
@@ -710,7 +710,7 @@ async def test_torrent_a_newer_offer_supersedes_an_unused_answer() -> None:
 
 def announce_ids(tracker: FakeTracker, strategy: TrackerStrategy) -> str:
     """An offer id currently in the strategy's pool."""
-    return next(iter(strategy._pools[tracker]))  # noqa: SLF001 - white-box peek at the pool
+    return next(iter(strategy._pools[tracker]))
 
 
 def test_torrent_requires_20_char_ids() -> None:

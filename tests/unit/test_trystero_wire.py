@@ -10,7 +10,7 @@ import pytest
 from meshnode.errors import FrameError
 from meshnode.wire import roomframes as rf
 from signaling.protocol import messages, names
-from signaling.protocol.sealing import SealError, Sealer, seal, unseal
+from signaling.protocol.sealing import Sealer, SealError, seal, unseal
 
 APP, ROOM, PEER = "my-app", "lobby", "AbCdEfGhIjKlMnOpQrSt"
 TOKEN = "4dcb6a57f52829144d0071cdc88b53fac87dc6d81fc756df1cd90916ea8ffdba"
@@ -74,7 +74,7 @@ def test_legion_rooms(
 
 
 def test_password_hash_is_hex_sha256_of_challenge_password_app_room() -> None:
-    import hashlib  # noqa: PLC0415
+    import hashlib
 
     expected = hashlib.sha256(b"c0ffee:s3cret:my-app:lobby").hexdigest()
     assert names.password_hash("c0ffee", "s3cret", APP, ROOM) == expected

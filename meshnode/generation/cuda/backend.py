@@ -366,7 +366,7 @@ class CudaBatch:
             result[:batch].copy_(state.result[:batch], non_blocking=True)
             event = None
             if self.device.type == "cuda":
-                event = torch.cuda.Event()
+                event = torch.cuda.Event()  # type: ignore[no-untyped-call]
                 event.record()
         except Exception as exc:
             engine.fail([run.request for run in decoding], exc, "decode step")
@@ -439,8 +439,8 @@ class CudaBatch:
 
     def _row_logits(self, slot: int, token: int, position: int) -> torch.Tensor:
         """Logits of one row's token at ``position`` via a one-row prefill (eager)."""
-        return self.decoder.prefill(torch.tensor([[token]], device=self.device), torch.tensor([slot], device=self.device),
-                                    [position], [1])[0]
+        tokens = torch.tensor([[token]], device=self.device)
+        return self.decoder.prefill(tokens, torch.tensor([slot], device=self.device), [position], [1])[0]
 
 
 class CudaEngine(Engine):

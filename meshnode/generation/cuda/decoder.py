@@ -31,8 +31,9 @@ def supports_model(model: Any) -> str | None:
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         return f"model type {model_type!r} is not one of {SUPPORTED_MODEL_TYPES}"
-    if getattr(config, "hidden_act", "silu") != "silu":
-        return f"activation {config.hidden_act!r} is not silu"
+    activation = getattr(config, "hidden_act", "silu")
+    if activation != "silu":
+        return f"activation {activation!r} is not silu"
     layer_types = getattr(config, "layer_types", None) or []
     if any(kind != "full_attention" for kind in layer_types):
         return "sliding-window layers are not supported"
@@ -82,8 +83,8 @@ def _rope_split(
         ``(q, kv)``: ``[..., heads, head_dim]`` and ``[..., 2, kv_heads, head_dim]``.
     """
     dim = cos.shape[-1]
-    qk = qkv[..., : (heads + kv_heads) * dim].unflatten(-1, (heads + kv_heads, dim))
-    v = qkv[..., (heads + kv_heads) * dim :].unflatten(-1, (kv_heads, dim))
+    qk = qkv[..., : (heads + kv_heads) * dim].reshape(*qkv.shape[:-1], heads + kv_heads, dim)
+    v = qkv[..., (heads + kv_heads) * dim :].reshape(*qkv.shape[:-1], kv_heads, dim)
     half = dim // 2
     rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
     qk = qk * cos + rotated * sin
@@ -201,7 +202,7 @@ class SlotDecoder:
         heads = int(config.num_attention_heads)
         kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
         head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-        element = next(model.parameters()).element_size()
+        element = int(next(model.parameters()).element_size())
         return int(config.num_hidden_layers) * 2 * kv_heads * head_dim * element
 
     def _fuse_layer(self, layer: Any) -> _Layer:
@@ -220,11 +221,10 @@ class SlotDecoder:
 
     def compile(self) -> None:
         """Use ``torch.compile``d elementwise helpers (dynamic shapes; call before capturing)."""
-        options = {"dynamic": True, "fullgraph": True}
-        self.norm = torch.compile(_rms_norm, **options)
-        self.add_norm = torch.compile(_add_rms_norm, **options)
-        self.rope = torch.compile(_rope_split, **options)
-        self.silu_mul = torch.compile(_silu_mul, **options)
+        self.norm = torch.compile(_rms_norm, dynamic=True, fullgraph=True)
+        self.add_norm = torch.compile(_add_rms_norm, dynamic=True, fullgraph=True)
+        self.rope = torch.compile(_rope_split, dynamic=True, fullgraph=True)
+        self.silu_mul = torch.compile(_silu_mul, dynamic=True, fullgraph=True)
 
     def uncompile(self) -> None:
         """Back to the eager elementwise helpers."""

@@ -164,7 +164,7 @@ class DecodeGraphs:
         shapes = [(b, n) for n in self.length_buckets for b in self.batch_buckets]
         prefills = self.prefill_shapes
         pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream(device)
+        side = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
         side.wait_stream(torch.cuda.current_stream(device))
         self._pf_lengths.zero_()
         self._pf_slots.zero_()
