@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import warnings
 import json
 import logging
 import os
@@ -43,7 +44,9 @@ logger = logging.getLogger("soak")
 
 
 def _count(kind: type) -> int:
-    return sum(1 for obj in gc.get_objects() if isinstance(obj, kind))
+    with warnings.catch_warnings():  # walking every object touches torch's deprecated module aliases
+        warnings.simplefilter("ignore", FutureWarning)
+        return sum(1 for obj in gc.get_objects() if isinstance(obj, kind))
 
 
 def sample(running: Any, started: float, streams_done: int, streams_live: int) -> dict[str, Any]:

@@ -55,6 +55,7 @@ PY
 if [ -x .venv-audit/bin/pip-audit ]; then
   audit_python requirements.lock
   [ -f requirements-relay.lock ] && audit_python requirements-relay.lock
+  audit_python requirements-lint.lock
 fi
 
 if [ -f web/package-lock.json ] && command -v npm >/dev/null 2>&1; then

@@ -49,6 +49,7 @@ if [ "${1:-}" = "--test" ]; then
   fi
   # Debian's packages start system-wide services; the tests and the bench start their own.
   systemctl disable --now mosquitto coturn >/dev/null 2>&1 || true
+  quiet .venv/bin/pip install -q -r requirements-lint.lock
   [ -x .venv-relay/bin/nostr-relay ] || {
     "$PY" -m venv .venv-relay
     quiet .venv-relay/bin/pip install -q -r requirements-relay.lock

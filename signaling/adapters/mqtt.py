@@ -29,8 +29,9 @@ from urllib.parse import unquote, urlsplit
 import aiomqtt
 from aiomqtt import ProtocolVersion
 
+from signaling.adapters.reconnect import ReconnectLoop
 from signaling.adapters.relaysocket import deliver_topic_message, wait_event
-from signaling.base import Backoff, ReconnectLoop, TopicHandler
+from signaling.base import Backoff, TopicHandler
 
 logger = logging.getLogger(__name__)
 _paho_logger = logging.getLogger(f"{__name__}.paho")
@@ -49,7 +50,6 @@ MAX_QUEUED_INCOMING_MESSAGES = 4096
 """aiomqtt's inbound queue bound (drained at once into the handler); overflow is dropped and logged."""
 DISCONNECT_TIMEOUT_SECONDS = 2.0
 """Bound on the graceful DISCONNECT when the connection ends."""
-TASK_STOP_TIMEOUT_SECONDS = 5.0
 MQTT_BACKOFF_BASE_SECONDS = 1.0
 MQTT_BACKOFF_CAP_SECONDS = 60.0
 _FORBIDDEN_TOPIC_CHARS = frozenset("+#\0")

@@ -26,7 +26,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.protocol import State
 
-from signaling.base import Backoff, ReconnectLoop, TopicHandler
+from signaling.adapters.reconnect import ReconnectLoop
+from signaling.base import Backoff, TopicHandler
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +40,6 @@ CLOSE_TIMEOUT_SECONDS = 2.0
 """Bound on the closing handshake when we close a socket."""
 MAX_MESSAGE_BYTES = 1 << 20
 """Largest inbound frame accepted; signalling messages are a few KiB (SDP included)."""
-TASK_STOP_TIMEOUT_SECONDS = 5.0
-"""Bound on waiting for the connection task after it was cancelled in close()."""
 
 SOCKET_BACKOFF_BASE_SECONDS = 3.333
 SOCKET_BACKOFF_CAP_SECONDS = 60.0
