@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import warnings
 import json
 import logging
 import os
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
