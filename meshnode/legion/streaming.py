@@ -17,19 +17,12 @@ from typing import Any
 from meshnode.errors import MeshError
 from meshnode.legion.outbox import Sender
 from meshnode.wire.compression import StreamCompressor
-from meshnode.wire.envelopes import DATA, END, Envelope, encode_envelope
+from meshnode.wire.envelopes import DATA, Envelope, encode_envelope, end_envelope
 from meshnode.wire.frames import CodecFrame, encode_frame
 
-__all__ = ["FrameSender", "coalesce", "end_envelope", "pump"]
+__all__ = ["FrameSender", "coalesce", "pump"]
 
 logger = logging.getLogger(__name__)
-
-
-def end_envelope(stream_id: str, seq: int, finish_reason: str | None, total_tokens: int) -> bytes:
-    """The END envelope of a negotiated stream (legion-mesh §5.5): ``total_tokens`` counts every
-    id the stream carried."""
-    return encode_envelope(Envelope(kind=END, stream_id=stream_id, seq=seq, body={
-        "codec_version": 1, "finish_reason": finish_reason, "total_tokens": total_tokens}))
 
 
 class FrameSender:

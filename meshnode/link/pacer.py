@@ -49,8 +49,9 @@ import msgpack
 from meshnode.errors import MeshError
 from meshnode.link.costs import PacingConfig, UnitLoad, predict
 from meshnode.link.policy import ActionLike, StreamSink
+from meshnode.tasks import TaskOwner
 from meshnode.wire.compression import StreamCompressor
-from meshnode.wire.envelopes import Envelope, EnvelopeKind, encode_envelope
+from meshnode.wire.envelopes import Envelope, EnvelopeKind, encode_envelope, end_envelope
 from meshnode.wire.frames import CodecFrame, encode_frame
 
 logger = logging.getLogger(__name__)
@@ -74,6 +75,8 @@ class _Slot:
     pending_since: float | None = None
     finish: str | None = None
     started: bool = False
+    tokens: int = 0
+    """Ids sent so far (the END envelope's total_tokens)."""
     flushed: asyncio.Future[None] | None = None
     room: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -93,7 +96,7 @@ class _Unit:
         self.slots: dict[str, _Slot] = {}
         self.seq = 2
         self.wake = asyncio.Event()
-        self.task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[Any] | None = None
 
     def load(self) -> UnitLoad:
         return UnitLoad(streams=len(self.slots), mux=self.mux, negotiated=self.negotiated,
@@ -151,6 +154,7 @@ class _Unit:
             ids, slot.pending, slot.pending_since = slot.pending, [], None
             slot.room.set()
             tokens += len(ids)
+            slot.tokens += len(ids)
             frame = encode_frame(CodecFrame(ids=ids, done=slot.finish is not None, finish_reason=slot.finish))
             parts.append((slot, slot.compressor.compress(frame) if slot.compressor else frame))
             slot.started = True
@@ -167,9 +171,7 @@ class _Unit:
                                                          seq=self.seq, body=data)))
                 self.seq += 1
                 if slot.finish is not None:
-                    payloads.append(encode_envelope(Envelope(
-                        kind=EnvelopeKind.END, stream_id=slot.stream_id, seq=self.seq,
-                        body={"codec_version": 1, "finish_reason": slot.finish})))
+                    payloads.append(end_envelope(slot.stream_id, self.seq, slot.finish, slot.tokens))
             else:
                 payloads.append(data)
         try:
@@ -295,7 +297,7 @@ class Pacer:
         self._mux_seq: dict[str, int] = {}
         self._mux_ids: dict[str, str] = {}
         self._mux_tags: dict[str, int] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskOwner("pacing")
         self._tokens_seen = 0
         self._rate_started: float | None = None
 
@@ -489,16 +491,8 @@ class Pacer:
 
     # -- tasks --------------------------------------------------------------------------------------
 
-    def spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._reap)
-        return task
-
-    def _reap(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.warning("pacing task %s failed: %r", task.get_name(), task.exception())
+    def spawn(self, coro: Any, name: str) -> asyncio.Task[Any] | None:
+        return self._tasks.spawn(coro, name)
 
     def drop_unit(self, unit: _Unit) -> None:
         if unit.mux:
@@ -508,11 +502,7 @@ class Pacer:
 
     async def close(self) -> None:
         """Cancel every unit task and wait for them."""
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await self._tasks.aclose()
 
 
 def decode_mux_body(body: bytes) -> list[tuple[int, bytes]]:

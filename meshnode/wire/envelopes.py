@@ -50,6 +50,7 @@ __all__ = [
     "decode_cf_payload",
     "decode_envelope",
     "encode_envelope",
+    "end_envelope",
 ]
 
 # --------------------------------------------------------------------------------------------------
@@ -402,3 +403,10 @@ class EnvelopeReassembler:
         )
         self._streams[stream_id] = state
         return state
+
+
+def end_envelope(stream_id: str, seq: int, finish_reason: str | None, total_tokens: int) -> bytes:
+    """The END envelope of a negotiated stream (legion-mesh §5.5); ``total_tokens`` counts every id
+    the stream carried."""
+    return encode_envelope(Envelope(kind=END, stream_id=stream_id, seq=seq, body={
+        "codec_version": 1, "finish_reason": finish_reason, "total_tokens": total_tokens}))

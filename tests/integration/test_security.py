@@ -37,9 +37,9 @@ class SpyHub(MemoryHub):
         super().__init__()
         self.seen: list[tuple[str, str]] = []
 
-    def _route(self, sender: Any, topic: str, payload: str) -> None:
+    def route(self, sender: Any, topic: str, payload: str) -> None:
         self.seen.append((topic, payload))
-        super()._route(sender, topic, payload)
+        super().route(sender, topic, payload)
 
 
 def app_id(request: pytest.FixtureRequest) -> str:
