@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.lab.abuse import RATE_FLOOR, TTFT_BOUND_SECONDS, run_scenario
 from signaling.protocol.names import gen_id
-from tests.integration.test_abuse import RATE_FLOOR, TTFT_BOUND_SECONDS, run_scenario
 
 
 def main(argv: list[str] | None = None) -> int:

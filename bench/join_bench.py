@@ -1,7 +1,7 @@
 """Benchmark: join-to-peer-visible time of two Python ``Room``s, per signalling strategy.
 
 For each strategy (memory, ws-relay, mqtt, nostr, torrent) a local relay is started on a free
-127.0.0.1 port (the same launchers the tests use, ``tests/relays.py``), then ``--runs`` times two
+127.0.0.1 port (the same launchers the tests use, ``bench/lab/relays.py``), then ``--runs`` times two
 rooms with fresh ids and a fresh appId join at the same moment; the time from the two
 ``Room.join`` calls until **both** report the other peer as joined (discovery + SDP exchange + ICE +
 DTLS/SCTP + the ``@_hsready`` handshake) is recorded, together with a JSON round trip on the joined
@@ -34,10 +34,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.lab import relays
 from meshnode.room import Room, RoomConfig
 from signaling.adapters.memory import MemoryHub
 from signaling.protocol.names import gen_id
-from tests import relays
 
 STRATEGIES = ["memory", "ws-relay", "mqtt", "nostr", "torrent"]
 JOIN_TIMEOUT_SECONDS = 30.0

@@ -1,7 +1,7 @@
 """Benchmark: join-to-peer-visible time between Chromium running real Trystero and a Python ``Room``.
 
 For each strategy (mqtt, nostr, torrent) the local relay is started on a free 127.0.0.1 port (the
-launchers of ``tests/relays.py``), the Trystero test page (``tests/browser/www``) is served on
+launchers of ``bench/lab/relays.py``), the Trystero test page (``tests/browser/www``) is served on
 127.0.0.1, and one headless Chromium is launched with the flags of test-harness §4.2. Then
 ``--runs`` times a fresh tab and a fresh Python room join a fresh appId **at the same moment**;
 recorded per run:
@@ -48,11 +48,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.lab import relays
+from bench.lab.browser import CHROMIUM, CHROMIUM_FLAGS, WWW, QuietHandler, Tab, loopback_only
 from meshnode.room import Room, RoomConfig
 from signaling.protocol.names import gen_id
-from tests import relays
-from tests.browser.conftest import CHROMIUM, CHROMIUM_FLAGS, WWW, Tab, loopback_only
-from tests.browser.conftest import _QuietHandler as QuietHandler
 
 STRATEGIES = ["mqtt", "nostr", "torrent"]
 JOIN_TIMEOUT_SECONDS = 30.0

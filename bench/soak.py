@@ -1,7 +1,7 @@
 """Soak: a serving node under ~20 streams cycling through peers that join and leave (issue 8 §4).
 
 One process runs a real Node (real Room, real aiortc on 127.0.0.1, MemoryHub signalling) with a
-scripted engine with real timing (tests/fakes.py: the model is irrelevant to leaks), and a pool of
+scripted engine with real timing (bench/lab/fakes.py: the model is irrelevant to leaks), and a pool of
 askers: each asker joins with a fresh peer id, keeps `calls_per_peer` engine_run streams going for
 `peer_lifetime` seconds, checks every stream arrived complete, then leaves and is replaced. Every
 `sample_every` seconds the process's RSS, open file descriptors, asyncio tasks, live aiortc
@@ -35,10 +35,10 @@ if str(ROOT) not in sys.path:
 import psutil
 from aiortc import RTCDataChannel, RTCPeerConnection
 
+from bench.lab.fakes import TimedEngine, expected_ids
+from bench.lab.meshkit import Asker, join_room, node_settings, start_node
 from meshnode.transport.ice import quiet_connect_teardown
 from signaling.adapters.memory import MemoryHub
-from tests.fakes import TimedEngine, expected_ids
-from tests.meshkit import Asker, join_room, node_settings, start_node
 
 logger = logging.getLogger("soak")
 

@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.lab import relays
 from meshnode.cli.config import load_settings
 from meshnode.generation.api import Prompt, SamplingParams
 from meshnode.generation.factory import open_backend
@@ -50,7 +51,6 @@ from meshnode.legion.client import LegionClient
 from meshnode.node.assembly import room_config
 from meshnode.node.node import Node
 from meshnode.room import Room
-from tests import relays
 
 RESULTS = ROOT / "bench" / "results" / "ttft_mesh.json"
 STRATEGIES = ["ws-relay", "mqtt"]

@@ -262,7 +262,7 @@ class _Pipeline:
         from meshnode.room import Room, RoomConfig
         from meshnode.room.handshake import Binding
         from meshnode.room.mesh import AppMesh
-        from tests.fakes import TimedEngine, fake_backend
+        from bench.lab.fakes import TimedEngine, fake_backend
 
         self.loop = asyncio.new_event_loop()
         self.peer = "p" * 20

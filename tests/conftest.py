@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.lab import relays
 from meshnode.transport.ice import IcePolicy, apply_ice_policy
-from tests import relays
 
 # aioice's host addresses are process-wide (meshnode.transport.ice): every test process serves and
 # connects on loopback only, as the namespace it runs in has nothing else.
@@ -26,7 +26,7 @@ def pytest_configure(config: pytest.Config) -> None:
                                 "suite through scripts/test.sh (unshare -n), never on the host network")
 
 # ------------------------------------------------------------------------------------------------
-# Local relays (owner: signaling relays). Real relays on free 127.0.0.1 ports, see tests/relays.py.
+# Local relays (owner: signaling relays). Real relays on free 127.0.0.1 ports, see bench/lab/relays.py.
 #
 # Session scope (started once, shared; tests must NOT stop or restart them):
 #   mqtt_broker    mosquitto: .ws_url (= .url), .tcp_url

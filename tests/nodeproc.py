@@ -14,11 +14,11 @@ import asyncio
 import logging
 import sys
 
+from bench.lab.fakes import TimedEngine
+from bench.lab.meshkit import node_settings, start_node
 from meshnode.cli.signals import stop_on_signals
 from signaling.adapters.wsrelay import WsRelay
 from signaling.base import Backoff
-from tests.fakes import TimedEngine
-from tests.meshkit import node_settings, start_node
 
 
 async def main(args: argparse.Namespace) -> int:

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import pytest
 
+from bench.lab.browser import Tab, loopback_only
 from tests.browser.conftest import (
-    Tab,
     TabFactory,
     assert_loopback_pair,
-    loopback_only,
     pattern_bytes,
     sha256_hex,
     unique_name,

@@ -26,11 +26,10 @@ from typing import Any
 
 import pytest
 
+from bench.lab.browser import Tab, loopback_only
 from tests.browser.conftest import (
     PyRoomFactory,
-    Tab,
     assert_loopback_pair,
-    loopback_only,
     pattern_bytes,
     sha256_hex,
     unique_name,

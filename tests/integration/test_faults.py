@@ -8,7 +8,7 @@
   see the node leave, and the process exits 0.
 
 (An engine error in one request and admission control are in tests/unit/test_hardening.py.) The
-engine is the scripted TimedEngine (tests/fakes.py): these faults are about transport and lifecycle.
+engine is the scripted TimedEngine (bench/lab/fakes.py): these faults are about transport and lifecycle.
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ from typing import Any
 import aioice.ice
 import pytest
 
+from bench.lab.fakes import TimedEngine, expected_ids
+from bench.lab.meshkit import Asker, join_room, node_settings, start_node
 from meshnode.node import node as node_module
 from signaling.adapters.memory import MemoryHub
 from signaling.adapters.wsrelay import WsRelay
 from signaling.base import Backoff
 from signaling.protocol.names import gen_id
-from tests.fakes import TimedEngine, expected_ids
-from tests.meshkit import Asker, join_room, node_settings, start_node
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

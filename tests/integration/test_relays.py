@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from bench.lab import relays
 from signaling.adapters.mqtt import MqttRelay
 from signaling.adapters.torrent import TrackerClient
 from signaling.adapters.wsrelay import WsRelay
@@ -23,7 +24,6 @@ from signaling.base import Backoff, TopicRelay, TrackerRelay
 from signaling.protocol.names import gen_id
 from signaling.registry import get_adapter_class
 from signaling.servers.wsrelay import WsRelayServer
-from tests import relays
 
 pytestmark = pytest.mark.integration
 

@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 
+from bench.lab.fakes import TimedEngine, expected_ids
+from bench.lab.meshkit import Asker, join_room, node_settings, start_node
 from signaling.adapters.memory import MemoryHub
 from signaling.protocol.names import gen_id, signalling_key
 from signaling.protocol.sealing import Sealer, SealError
-from tests.fakes import TimedEngine, expected_ids
-from tests.meshkit import Asker, join_room, node_settings, start_node
 
 pytestmark = pytest.mark.integration
 

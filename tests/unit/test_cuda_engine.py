@@ -18,6 +18,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from bench.lab.fakes import CharTokenizer
 from meshnode.errors import AdmissionError
 from meshnode.generation.api import SamplingParams, TokenEngine, TokenStream
 from meshnode.generation.cuda.backend import CudaEngine
@@ -25,7 +26,6 @@ from meshnode.generation.cuda.decoder import SlotDecoder, supports_model
 from meshnode.generation.cuda.sampler import sample_row_exact, sample_rows, sample_rows_exact, seed_key
 from meshnode.generation.engine import Engine
 from meshnode.generation.torch_backend import TorchEngine
-from tests.fakes import CharTokenizer
 
 TIMEOUT_SECONDS = 60.0
 """Bound for each engine test (a shared 2-core machine; normally a few seconds)."""

@@ -15,12 +15,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from bench.lab.fakes import CharTokenizer
 from meshnode.errors import AdmissionError
 from meshnode.generation import torch_backend as engine_module
 from meshnode.generation.api import SamplingParams, TokenEngine, TokenStream
 from meshnode.generation.text import HFText
 from meshnode.generation.torch_backend import TorchEngine, sample_next_token
-from tests.fakes import CharTokenizer
 
 TIMEOUT_SECONDS = 20.0
 """Bound for every async test (the machine is shared; a run normally takes well under 1 s)."""

@@ -1,7 +1,7 @@
 """Issue 8 unit tests: per-peer limits, strikes, non-blocking replies, engine faults, admission.
 
 Fake room and scripted engines (no sockets): tests/unit/test_services.py's FakeRoom, and
-tests/fakes.py's TimedEngine for faults that need a real stream.
+bench/lab/fakes.py's TimedEngine for faults that need a real stream.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from bench.lab.fakes import FAIL_MARKER, TimedEngine, expected_ids
 from meshnode.errors import AdmissionError
 from meshnode.generation.api import SamplingParams
 from meshnode.generation.torch_backend import TorchEngine
@@ -22,7 +23,6 @@ from meshnode.room.inbound import InboundLimits, TokenBucket
 from meshnode.room.mailbox import Mailbox
 from meshnode.wire import legion
 from meshnode.wire.envelopes import decode_cf_payload
-from tests.fakes import FAIL_MARKER, TimedEngine, expected_ids
 from tests.unit.test_services import FakeRoom, Msg, call, make_service
 
 A, B = "A" * 20, "B" * 20

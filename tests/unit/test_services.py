@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from bench.lab.fakes import fake_backend
 from meshnode.generation.api import CodecMapInfo
 from meshnode.legion.roster import elect_ai_responder
 from meshnode.legion.service import LegionService, ServiceConfig
@@ -15,7 +16,6 @@ from meshnode.wire import legion
 from meshnode.wire.compression import StreamDecompressor
 from meshnode.wire.envelopes import DATA, END, HELLO, READY, Envelope, decode_cf_payload, encode_envelope
 from meshnode.wire.frames import CodecFrame, decode_frame
-from tests.fakes import fake_backend
 
 
 @dataclass

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from bench.lab.fakes import fake_backend
 from meshnode.cli.config import load_settings
 from meshnode.generation.api import Backend
 from meshnode.legion.client import CallRecord, LegionClient
@@ -21,7 +22,6 @@ from meshnode.node.node import Node
 from meshnode.room import Room
 from meshnode.settings import Settings
 from signaling.strategies.engine import StrategyTimers
-from tests.fakes import fake_backend
 
 LOOPBACK: dict[str, Any] = {
     "ice_servers": [],

@@ -1,11 +1,10 @@
 """Fakes with real timing for the hardening tests and `bench/soak.py` (issue 8).
 
-`TimedEngine` stands in for :class:`meshnode.generation.engine.TorchEngine` where the model is irrelevant
-(abuse, faults, soak): every stream yields the ids ``first_id, first_id + 1, …`` at ``rate`` tokens
-per second on a fixed schedule, so a receiver can check that nothing was lost, and timings
-(time to first token, tokens per second) are real wall-clock figures. (The service imports
-meshnode.generation.engine, hence torch, on its first call; this module does it up front so that the first
-measured call does not pay ~3 s of import time.)
+`TimedEngine` stands in for a local engine where the model is irrelevant (abuse, faults, soak):
+every stream yields the ids ``first_id, first_id + 1, …`` at ``rate`` tokens per second on a fixed
+schedule, so a receiver can check that nothing was lost, and timings (time to first token, tokens
+per second) are real wall-clock figures; :func:`fake_backend` serves it the way the node serves a
+real engine.
 
 Knobs for fault injection: a prompt containing ``FAIL_MARKER`` makes its stream fail after
 ``fail_after`` tokens (an engine error in one request); ``generate`` refuses as busy beyond
@@ -22,7 +21,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import meshnode.generation.engine  # noqa: F401 - see the module docstring
 from meshnode.errors import AdmissionError, MeshError
 from meshnode.generation.modelinfo import ModelInfo
 

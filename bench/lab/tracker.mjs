@@ -1,5 +1,5 @@
 // A local WebTorrent tracker for tests (test-harness §5.3): bittorrent-tracker's Server with HTTP and
-// WebSocket on 127.0.0.1:<port>. Usage: node tests/js/tracker.mjs <port>   (started by tests/relays.py)
+// WebSocket on 127.0.0.1:<port>. Usage: node bench/lab/tracker.mjs <port>   (started by bench/lab/relays.py)
 //
 // The package lives in web/node_modules; it is imported by path because ES module resolution starts
 // at this file, not at the working directory.
