@@ -257,12 +257,12 @@ class _Pipeline:
     """A Room bound to one fake peer, and a LegionService reading its actions (no network)."""
 
     def __init__(self) -> None:
+        from bench.lab.fakes import TimedEngine, fake_backend
         from meshnode.generation.api import CodecMapInfo
         from meshnode.legion.service import LegionService, ServiceConfig
         from meshnode.room import Room, RoomConfig
         from meshnode.room.handshake import Binding
         from meshnode.room.mesh import AppMesh
-        from bench.lab.fakes import TimedEngine, fake_backend
 
         self.loop = asyncio.new_event_loop()
         self.peer = "p" * 20
