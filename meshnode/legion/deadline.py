@@ -3,16 +3,16 @@
 The real Legion core times a tool call out after 30 s (the chat app after 20 s) and reads only the
 final ``tc`` result, so a call that finishes late wastes the engine and leaves the tab with
 nothing while another provider may have been free. :class:`Deadlines` estimates each new call's
-finish time from the throughput this node has measured, the work already in flight and the
-call's token budget:
+finish time from what this node has measured (the speed one stream gets, the aggregate the engine
+reaches with several, the time to first token), the calls in flight and the new call's budget:
 
-    finish ≈ ttft + max(budget / per_stream_rate, (work_ahead + budget) / aggregate_rate)
+* with a free engine slot, the call decodes at ``min(per_stream, aggregate / streams)``;
+* with every slot taken, it first waits for the running call that will be done soonest (its
+  remaining budget at that speed), then decodes.
 
-The first term is the call decoding at the speed one stream gets now; the second is every token
-ahead of it plus its own going through the engine at the aggregate rate measured while it was
-busy. A call with an explicit ``max_tokens`` that would not finish in time is refused at once
-(``busy: …``); a call without one gets the largest budget that fits (at least ``min_tokens``), and
-is refused only when not even that fits. While a default call would be refused, the node advertises
+A call with an explicit ``max_tokens`` that would not finish in time is refused at once (``busy:
+…``); a call without one gets the largest budget that fits (at least ``min_tokens``) and is refused
+only when not even that fits. While a default call would be refused, the node advertises
 ``available: false``. Until something has been measured nothing is refused.
 """
 
@@ -31,7 +31,7 @@ AGGREGATE_WINDOW_SECONDS = 10.0
 
 
 class ThroughputMeter:
-    """Decode speed as the service sees it: per stream, in aggregate, and time to first token."""
+    """Decode speed as the service sees it: per stream, the aggregate with several, time to first token."""
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self.clock = clock
@@ -39,20 +39,29 @@ class ThroughputMeter:
         """Tokens per second one stream got (moving average over finished calls)."""
         self.ttft: float | None = None
         """Seconds from call start to the first token (moving average)."""
+        self.capacity: float | None = None
+        """The highest aggregate tokens/s seen with two or more calls running (None: not seen yet)."""
         self._deliveries: deque[tuple[float, int]] = deque()
         self._busy_since: float | None = None
+        self._active = 0
 
     def busy(self, active: int) -> None:
         """Tell the meter how many calls are generating (the aggregate counts busy time only)."""
-        now = self.clock()
-        if active and self._busy_since is None:
-            self._busy_since = now
-        elif not active:
-            self._busy_since = None
+        if active != self._active:
+            self._deliveries.clear()  # a new mix: measure it afresh
+            self._busy_since = self.clock() if active else None
+        self._active = active
 
     def tokens(self, count: int) -> None:
-        if count:
-            self._deliveries.append((self.clock(), count))
+        if not count:
+            return
+        now = self.clock()
+        self._deliveries.append((now, count))
+        while now - self._deliveries[0][0] > AGGREGATE_WINDOW_SECONDS:
+            self._deliveries.popleft()
+        if self._active >= 2 and self._busy_since is not None and now - self._busy_since >= 1.0:
+            rate = sum(n for _, n in self._deliveries) / (now - max(self._busy_since, now - AGGREGATE_WINDOW_SECONDS))
+            self.capacity = rate if self.capacity is None else max(rate, _blend(self.capacity, rate))
 
     def call_done(self, tokens: int, started: float, first: float | None, last: float | None) -> None:
         """A call ended: fold its time to first token and its per-stream rate into the averages."""
@@ -61,18 +70,13 @@ class ThroughputMeter:
         if first is not None and last is not None and tokens >= 2 and last > first:
             self.per_stream = _blend(self.per_stream, (tokens - 1) / (last - first))
 
-    @property
-    def aggregate(self) -> float | None:
-        """Tokens per second over the recent busy window (None while unknown)."""
-        now = self.clock()
-        while self._deliveries and now - self._deliveries[0][0] > AGGREGATE_WINDOW_SECONDS:
-            self._deliveries.popleft()
-        if not self._deliveries or self._busy_since is None:
+    def stream_rate(self, streams: int) -> float | None:
+        """Tokens per second each of `streams` concurrent calls can expect (None: unknown)."""
+        if self.per_stream is None:
             return None
-        span = now - max(self._deliveries[0][0], self._busy_since)
-        if span < 1.0:
-            return None
-        return sum(count for _, count in self._deliveries) / span
+        if self.capacity is None:
+            return self.per_stream
+        return min(self.per_stream, self.capacity / max(1, streams))
 
 
 def _blend(old: float | None, new: float) -> float:
@@ -96,44 +100,47 @@ class Deadlines:
         self.deadline_seconds = deadline_seconds
         self.min_tokens = min_tokens
 
-    def estimate(self, budget: int, work_ahead: int) -> float | None:
-        rate = self.meter.per_stream
+    def estimate(self, budget: int, remaining: list[int], slots: int) -> float | None:
+        """Seconds until a new call of `budget` tokens would be done, with calls of `remaining`
+        tokens in flight on an engine of `slots` concurrent streams (None: nothing measured)."""
+        running = len(remaining) + 1
+        rate = self.meter.stream_rate(min(running, slots))
         if rate is None or rate <= 0:
             return None
-        seconds = budget / rate
-        aggregate = self.meter.aggregate
-        if aggregate is not None and aggregate > 0:
-            seconds = max(seconds, (work_ahead + budget) / aggregate)
-        return (self.meter.ttft or 0.0) + seconds
+        wait = 0.0
+        if running > slots:  # every slot taken: wait for the soonest of the calls ahead to end
+            ahead = sorted(remaining)[running - slots - 1]
+            wait = ahead / rate
+        return (self.meter.ttft or 0.0) + wait + budget / rate
 
-    def plan(self, requested: int | None, default: int, work_ahead: int) -> Plan:
+    def plan(self, requested: int | None, default: int, remaining: list[int], slots: int) -> Plan:
         """The budget for a new call, or why it is refused."""
         budget = requested if requested is not None else default
         if self.deadline_seconds <= 0:
             return Plan(budget, None)
-        estimate = self.estimate(budget, work_ahead)
+        estimate = self.estimate(budget, remaining, slots)
         if estimate is None or estimate <= self.deadline_seconds:
             return Plan(budget, estimate)
         if requested is None:
-            fitted = self._largest_fitting(default, work_ahead)
+            fitted = self._largest_fitting(default, remaining, slots)
             if fitted >= self.min_tokens:
-                return Plan(fitted, self.estimate(fitted, work_ahead))
+                return Plan(fitted, self.estimate(fitted, remaining, slots))
         return Plan(budget, estimate, refusal=(
             f"busy: {budget} tokens would take about {estimate:.0f} s here now (deadline "
             f"{self.deadline_seconds:.0f} s); ask another peer or retry later"))
 
-    def would_refuse_default(self, work_ahead: int) -> bool:
+    def would_refuse_default(self, remaining: list[int], slots: int) -> bool:
         """Whether a call without max_tokens would be refused now (drives ``cap.available``)."""
         if self.deadline_seconds <= 0:
             return False
-        estimate = self.estimate(self.min_tokens, work_ahead)
+        estimate = self.estimate(self.min_tokens, remaining, slots)
         return estimate is not None and estimate > self.deadline_seconds
 
-    def _largest_fitting(self, ceiling: int, work_ahead: int) -> int:
+    def _largest_fitting(self, ceiling: int, remaining: list[int], slots: int) -> int:
         low, high = 0, ceiling
         while low < high:  # the estimate grows with the budget: bisect
             middle = (low + high + 1) // 2
-            estimate = self.estimate(middle, work_ahead)
+            estimate = self.estimate(middle, remaining, slots)
             if estimate is not None and estimate <= self.deadline_seconds:
                 low = middle
             else:

@@ -93,9 +93,9 @@ class Generations:
         self.failed_calls = 0
         self._tasks = TaskOwner("legion.gen")
 
-    def work_ahead(self) -> int:
-        """Tokens the running calls may still generate (their budgets minus what they sent)."""
-        return sum(call.remaining for call in self.calls.values())
+    def remaining(self) -> list[int]:
+        """Tokens each running call may still generate (its budget minus what it sent)."""
+        return [call.remaining for call in self.calls.values()]
 
     def start(self, peer_id: str, call_id: str, messages: list[dict[str, str]], max_tokens: int,
               temperature: float | None, top_p: float | None, *, reply_tool: bool, compression: str | None) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -44,6 +45,7 @@ __all__ = ["LegionService", "ServiceConfig"]
 logger = logging.getLogger(__name__)
 
 CAP_HEARTBEAT_SECONDS = 30.0
+AVAILABILITY_CHECK_SECONDS = 1.0
 HELLO_TTL_SECONDS = 60.0
 MAX_PENDING_HELLOS_PER_PEER = 16
 PROBE_TIMEOUT_SECONDS = 10.0
@@ -189,12 +191,16 @@ class LegionService:
         return {"active": int(info.get("active", 0)), "queued": int(info.get("queued", 0)),
                 "max": int(info.get("max_concurrent", 1))}
 
+    def slots(self) -> int:
+        """Streams the backend decodes at once."""
+        return max(1, int(self.backend.load_info().get("max_concurrent", 1)))
+
     def is_available(self) -> bool:
         if self.draining:
             return False
         if self.pacing is not None and not self.pacing.available():
             return False
-        if self.deadlines.would_refuse_default(self.generations.work_ahead()):
+        if self.deadlines.would_refuse_default(self.generations.remaining(), self.slots()):
             return False
         info = self.backend.load_info()
         capacity = int(info.get("max_concurrent", 1)) + int(info.get("max_queue", 0))
@@ -231,15 +237,23 @@ class LegionService:
             self._cap_changed.set()
 
     async def _heartbeat(self) -> None:
+        """The cap every CAP_HEARTBEAT_SECONDS (the real roster drops a peer after 90 s without
+        one), and at once when availability flips: re-checked every AVAILABILITY_CHECK_SECONDS
+        while calls run, since the measured speed, not only calls starting or ending, moves it."""
         while True:
             await self._send_cap()
             self.roster.prune()
             self.budgets.prune()
-            try:
-                async with asyncio.timeout(CAP_HEARTBEAT_SECONDS):
-                    await self._cap_changed.wait()
-            except TimeoutError:
-                pass
+            deadline = asyncio.get_running_loop().time() + CAP_HEARTBEAT_SECONDS
+            while not self._cap_changed.is_set():
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    break
+                wait = min(remaining, AVAILABILITY_CHECK_SECONDS) if self.calls else remaining
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._cap_changed.wait()
+                self.notify_load_changed()
             self._cap_changed.clear()
 
     async def _on_cap(self, peer_id: str, payload: Any) -> None:
@@ -378,7 +392,7 @@ class LegionService:
             self._refuse(peer_id, frame.call_id, refusal)
             return
         plan = self.deadlines.plan(args.max_tokens, min(self.config.default_max_tokens, self.config.max_tokens),
-                                   self.generations.work_ahead())
+                                   self.generations.remaining(), self.slots())
         refusal = plan.refusal
         if refusal is None and self.pacing is not None:
             refusal = self.pacing.admit(peer_id, frame.call_id)
@@ -475,7 +489,7 @@ class LegionService:
             self.say(peer_id, f"[/ai meshnode error] {refusal or 'shutting down'}")
             return
         default = min(self.config.default_max_tokens, self.config.max_tokens)
-        plan = self.deadlines.plan(None, default, self.generations.work_ahead())
+        plan = self.deadlines.plan(None, default, self.generations.remaining(), self.slots())
         call_id = f"ai-{int(time.time() * 1000):x}-{len(self.calls)}"
         refusal = plan.refusal
         if refusal is None and self.pacing is not None:

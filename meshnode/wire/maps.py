@@ -17,7 +17,6 @@ never imports transformers or torch.
 from __future__ import annotations
 
 import codecs
-import datetime
 import hashlib
 import json
 import logging
@@ -244,10 +243,13 @@ def _byte_fallback_range(model: dict[str, Any], vocab: Mapping[str, int]) -> tup
     return start, start + 255
 
 
-def _now_iso() -> str:
-    # JavaScript's Date.prototype.toISOString(): milliseconds and a "Z".
-    now = datetime.datetime.now(datetime.UTC)
-    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+COMMUNITY_MAPS: Final[dict[str, tuple[str, str]]] = {
+    "huggingfacetb/smollm2": ("sha256:8bb91e72d05775a013139783577dbc9f4930a2db19704fc90f2ca17c7bef9f60",
+                              "2026-05-08T20:42:34.952Z"),
+}
+"""Published community maps (wdunn001/codec-maps): map id -> (pin of the file, its ``published_at``).
+A built map whose content equals the published one takes its ``published_at`` too, so its bytes
+(and hash) are the community file's."""
 
 
 def build_map(tokenizer: Any, map_id: str, *, published_at: str | None = None) -> dict[str, Any]:
@@ -273,11 +275,15 @@ def build_map(tokenizer: Any, map_id: str, *, published_at: str | None = None) -
       ``byte_fallback`` BPE.
     * ``special_tokens``: added tokens with ``special: true``, by name. ``tool_calling`` is not
       generated.
+    * ``published_at``: never the clock, so the document (and its hash) is a function of the
+      tokenizer alone: the given value; else, when the content equals a published community map
+      (:data:`COMMUNITY_MAPS`), that map's value (the bytes are then the community file's); else
+      absent.
 
     Args:
         tokenizer: A fast tokenizer (see above).
         map_id: Family id such as ``huggingfacetb/smollm2``; must match ``[a-z0-9._/-]+``.
-        published_at: ISO timestamp to record; defaults to now, as ``Date.toISOString()`` writes.
+        published_at: ISO timestamp to record (see above for the default).
 
     Returns:
         The map document (a plain dict; serialise it with :func:`map_bytes`).
@@ -307,7 +313,6 @@ def build_map(tokenizer: Any, map_id: str, *, published_at: str | None = None) -
         "version": MAP_VERSION,
         "vocab_size": len(vocab),
         "vocab": vocab,
-        "published_at": published_at if published_at is not None else _now_iso(),
     }
     encoder = _encoder(document)
     if encoder is not None:
@@ -326,7 +331,24 @@ def build_map(tokenizer: Any, map_id: str, *, published_at: str | None = None) -
     if fallback is not None:
         result["byte_fallback_start"], result["byte_fallback_end"] = fallback
     result["special_tokens"] = special
+    if published_at is not None:
+        return _with_published_at(result, published_at)
+    known = COMMUNITY_MAPS.get(map_id)
+    if known is not None:
+        candidate = _with_published_at(result, known[1])
+        if map_sha256(map_bytes(candidate)) == known[0]:
+            return candidate
     return result
+
+
+def _with_published_at(document: dict[str, Any], published_at: str) -> dict[str, Any]:
+    """The document with ``published_at`` right after ``vocab``, where the published files keep it."""
+    out: dict[str, Any] = {}
+    for key, value in document.items():
+        out[key] = value
+        if key == "vocab":
+            out["published_at"] = published_at
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

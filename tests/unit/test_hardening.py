@@ -274,3 +274,51 @@ async def test_aiortc_teardown_errors_are_not_reported_as_unhandled() -> None:
 
 async def _raise(exc: Exception) -> None:
     raise exc
+
+
+async def test_calls_that_could_not_finish_in_time_are_refused_at_once() -> None:
+    """Issue 12.4 with a scripted engine of one slot at 4 tokens/s and a 10 s deadline: once the
+    node has measured that speed, a call whose budget cannot finish in time is refused within a
+    second (busy, not an offence); while the slot is taken for longer than a default call could
+    wait, the cap says available: false, and a fresh cap says true once the slot is free."""
+    room, service, task = await serve(TimedEngine(rate=4, tokens=1000, max_concurrent=1, max_queue=4),
+                                      call_deadline_seconds=10.0)
+    caps = room.actions["cap"]
+    try:
+        async with asyncio.timeout(40):
+            room.actions["tc"].inbox.put_nowait(Msg(A, call("tc-warm", "engine_run", {"user": "x", "max_tokens": 8})))
+            assert (await result_for(room, "tc-warm"))["status"] == "ok"  # ~2 s: the speed is measured
+            asked = asyncio.get_running_loop().time()
+            room.actions["tc"].inbox.put_nowait(Msg(B, call("tc-long", "engine_run", {"user": "y", "max_tokens": 60})))
+            long = await result_for(room, "tc-long")  # 60 tokens at 4 tok/s: 15 s
+            refused_after = asyncio.get_running_loop().time() - asked
+            sent = len(caps.sent)
+            room.actions["tc"].inbox.put_nowait(Msg(A, call("tc-slot", "engine_run", {"user": "x", "max_tokens": 36})))
+            while not any(not p["available"] for p, _ in caps.sent[sent:]):  # 9 s + 4 s for a default call
+                await asyncio.sleep(0.05)
+            room.actions["tc"].inbox.put_nowait(Msg(B, call("tc-any", "engine_run", {"user": "y"})))
+            waiting = await result_for(room, "tc-any")
+            slot = await result_for(room, "tc-slot")
+            while not caps.sent[-1][0]["available"]:  # free again: a fresh cap says so
+                await asyncio.sleep(0.05)
+        assert long["status"] == "denied" and long["error"].startswith("busy:") and "deadline" in long["error"]
+        assert refused_after < 1.0
+        assert waiting["status"] == "denied" and "deadline" in waiting["error"]
+        assert slot["status"] == "ok" and slot["result"]["content"]["tokens"] == 36
+        assert service.strikes == 0  # a busy node is not the asker's fault
+    finally:
+        await stop(task)
+
+
+async def test_a_call_without_max_tokens_gets_the_budget_that_fits() -> None:
+    room, service, task = await serve(TimedEngine(rate=10, tokens=1000), call_deadline_seconds=5.0)
+    try:
+        async with asyncio.timeout(30):
+            room.actions["tc"].inbox.put_nowait(Msg(A, call("tc-warm", "engine_run", {"user": "x", "max_tokens": 10})))
+            await result_for(room, "tc-warm")
+            room.actions["tc"].inbox.put_nowait(Msg(A, call("tc-default", "engine_run", {"user": "x"})))
+            result = await result_for(room, "tc-default")
+        tokens = result["result"]["content"]["tokens"]
+        assert result["status"] == "ok" and 16 <= tokens < 50, result  # ~5 s at ~10 tok/s, not 256
+    finally:
+        await stop(task)

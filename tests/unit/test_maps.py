@@ -61,7 +61,11 @@ def smollm2_tokenizer() -> Any:
         pytest.skip(f"{GGUF_NAME} missing from {directory}")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(directory), gguf_file=GGUF_NAME)
+    from meshnode.generation.models import restore_pre_tokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), gguf_file=GGUF_NAME)
+    restore_pre_tokenizer(tokenizer, directory / GGUF_NAME)  # as meshnode loads it
+    return tokenizer
 
 
 # -------------------------------------------------------------------------------------------------
@@ -126,17 +130,36 @@ def test_built_map_agrees_with_fixture(smollm2_tokenizer: Any, fixture_map: dict
     ]
     assert doc["encoder"] == "byte_level"
     assert "byte_fallback_start" not in doc and "tool_calling" not in doc
-    assert doc["published_at"].endswith("Z")
+
+
+@pytest.mark.model
+def test_the_served_map_is_the_community_map_and_the_same_every_start(
+    smollm2_tokenizer: Any, fixture_bytes: bytes
+) -> None:
+    """Issue 12.3: no clock in the hashed bytes. Two starts (two ModelInfo) advertise the same
+    mapHash, which is the sha256 of exactly the bytes served, and equals the community pin."""
+    from meshnode.generation.modelinfo import ModelInfo
+
+    starts = [ModelInfo(model_id="HuggingFaceTB/SmolLM2-135M-Instruct", tokenizer=smollm2_tokenizer) for _ in range(2)]
+    assert starts[0].map_hash == starts[1].map_hash == map_sha256(starts[0].map_bytes) == map_sha256(starts[1].map_bytes)
+    assert starts[0].map_hash == "sha256:" + FIXTURE_SHA256
+    assert starts[0].map_bytes == fixture_bytes
+
+
+def test_a_map_no_one_published_has_no_published_at_and_is_stable() -> None:
+    first = map_bytes(build_map(metaspace_byte_fallback_tokenizer(), "test/llama-like"))
+    second = map_bytes(build_map(metaspace_byte_fallback_tokenizer(), "test/llama-like"))
+    assert first == second and b"published_at" not in first
 
 
 @pytest.mark.model
 def test_built_map_is_byte_identical_with_smollm2_pre_tokenizer(
     smollm2_tokenizer: Any, fixture_map: dict[str, Any], fixture_bytes: bytes
 ) -> None:
-    # The GGUF conversion keeps only ByteLevel; SmolLM2's tokenizer.json also splits digits.
-    # With its real pre-tokenizer restored, the whole file (pattern and program included) matches.
+    # SmolLM2's tokenizer.json splits digits before ByteLevel: the whole file (pattern and program
+    # included) matches the published one.
     document = json.loads(smollm2_tokenizer.backend_tokenizer.to_str())
-    document["pre_tokenizer"] = SMOLLM2_PRE_TOKENIZER
+    assert document["pre_tokenizer"] == SMOLLM2_PRE_TOKENIZER
     tokenizer = Tokenizer.from_str(json.dumps(document))
     doc = build_map(tokenizer, "huggingfacetb/smollm2", published_at=fixture_map["published_at"])
     assert list(doc) == list(fixture_map)

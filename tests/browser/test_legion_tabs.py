@@ -1,0 +1,187 @@
+"""``meshnode join`` as users run it (a real CLI process, the embedded model) and real Trystero tabs.
+
+The tabs behave like real Legion tabs (the real core): they send a cap, no envelope HELLO, call
+``engine_run`` on ``tc`` and decode exactly one msgpack object per ``cf`` message. The node process
+is given only ``--ice-host-address 127.0.0.1`` (no mode): inside the loopback-only namespace that
+address is the only one there is, so a tab connects only if the node uses it (issue 12.1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import pytest
+import pytest_asyncio
+
+from bench.lab.browser import Tab
+from meshnode.wire import legion
+from tests.browser.conftest import TabFactory
+
+pytestmark = pytest.mark.browser
+
+START_TIMEOUT_S = 90.0
+"""The node process: import, load the embedded model (converted once per machine), join."""
+ANSWER_TIMEOUT_S = 60.0
+TAB_ACTIONS = ("cap", "cm", "cf", "tc")
+MAX_TOKENS = 24
+SERVING = re.compile(r"serving .* \(peer (?P<peer>\w+)\) .*ICE host candidates: (?P<ice>.*)$")
+
+
+@dataclass
+class NodeProcess:
+    process: asyncio.subprocess.Process
+    app_id: str
+    room: str
+    relay_url: str
+    peer_id: str = ""
+    ice: str = ""
+    log: list[str] = field(default_factory=list)
+
+
+async def _read_log(node: NodeProcess, serving: asyncio.Future[None]) -> None:
+    assert node.process.stderr is not None
+    async for raw in node.process.stderr:
+        line = raw.decode(errors="replace").rstrip()
+        node.log.append(line)
+        match = SERVING.search(line)
+        if match and not serving.done():
+            node.peer_id, node.ice = match["peer"], match["ice"]
+            serving.set_result(None)
+
+
+@contextlib.asynccontextmanager
+async def meshnode_join(relay_url: str, *flags: str, env: dict[str, str] | None = None) -> AsyncIterator[NodeProcess]:
+    """``meshnode join`` in a child process on the local relay; stopped with SIGTERM (as a user would)."""
+    app_id, room = f"tabs-{os.getpid()}-{time.monotonic_ns() % 10**9}", "legion-tabs"
+    command = [sys.executable, "-m", "meshnode", "join", "--strategy", "mqtt", "--relay", relay_url,
+               "--app-id", app_id, "--room", room, "--nick", "cli-node", "--ice-host-address", "127.0.0.1", *flags]
+    environment = {**os.environ, "MESHNODE_WEBRTC__ICE_SERVERS": "[]",
+                   "MESHNODE_ENGINE__DEFAULT_MAX_TOKENS": str(MAX_TOKENS), **(env or {})}
+    process = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.DEVNULL,
+                                                   stderr=asyncio.subprocess.PIPE, env=environment)
+    node = NodeProcess(process=process, app_id=app_id, room=room, relay_url=relay_url)
+    serving: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    reader = asyncio.create_task(_read_log(node, serving))
+    try:
+        try:
+            async with asyncio.timeout(START_TIMEOUT_S):
+                await asyncio.wait([serving, reader], return_when=asyncio.FIRST_COMPLETED)
+        except TimeoutError:
+            pass
+        if not serving.done():
+            pytest.fail("meshnode join did not start serving:\n" + "\n".join(node.log[-60:]), pytrace=False)
+        yield node
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(30):
+                    await process.wait()
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+
+
+def tab_cap(nick: str, *, available: bool, tools: tuple[str, ...] = ("current_time", "ping")) -> dict[str, Any]:
+    """The cap a real Legion tab sends (its default persona: a local model and a few tools)."""
+    cap = legion.build_cap(ts_ms=int(time.time() * 1000), nick=nick, model_id="onnx-community/Qwen2.5-0.5B-Instruct",
+                           available=available, skills=["chat"], system_prompt_summary="a browser tab",
+                           tools=[legion.tool_descriptor(name, name, {"type": "object"}) for name in tools])
+    cap.pop("agent")  # a tab is not a meshnode
+    return cap
+
+
+async def join_tab(new_tab: TabFactory, node: NodeProcess, name: str, *, available: bool) -> Tab:
+    tab = await new_tab(name)
+    await tab.join("mqtt", [node.relay_url], node.app_id, node.room, actions=TAB_ACTIONS)
+    await tab.wait_peer(node.peer_id, timeout=30)
+    await tab.send_json("cap", tab_cap(name, available=available))
+    await tab.wait_messages("cap", 1, node.peer_id, timeout=20)  # the node's cap to the newcomer
+    return tab
+
+
+async def cf_objects(tab: Tab, peer_id: str) -> list[list[Any]]:
+    """Every cf message from `peer_id`, each decoded into the msgpack objects it holds."""
+    messages = [m for m in await tab.get("messages") if m["action"] == "cf" and m["peerId"] == peer_id]
+    decoded = []
+    for message in messages:
+        assert "b64" in message, message  # cf frames are a few bytes
+        unpacker = msgpack.Unpacker(raw=False)
+        unpacker.feed(base64.b64decode(message["b64"]))
+        decoded.append(list(unpacker))
+    return decoded
+
+
+async def call_engine_run(tab: Tab, peer_id: str, call_id: str, args: dict[str, Any]) -> dict[str, Any]:
+    """A real core's callTool: send the call, read only the final result."""
+    await tab.send_json("tc", legion.build_call(ts_ms=int(time.time() * 1000), call_id=call_id,
+                                                tool_name="engine_run", args=args), target=peer_id)
+    return await tab.wait(
+        """([id]) => { const m = T.messages.find(m => m.action === 'tc' && m.kind === 'json'
+                          && m.value && m.value.kind === 'result' && m.value.callId === id)
+                       return m && m.value }""", [call_id], ANSWER_TIMEOUT_S)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def node(mqtt_broker: Any) -> AsyncIterator[NodeProcess]:
+    async with meshnode_join(mqtt_broker.ws_url) as process:
+        yield process
+
+
+async def test_an_address_named_alone_is_used_and_tabs_connect(node: NodeProcess, new_tab: TabFactory) -> None:
+    """12.1: ``--ice-host-address 127.0.0.1`` with no mode: ICE uses it (the join log says so) and a
+    tab in this loopback-only namespace connects and gets the node's cap."""
+    assert "127.0.0.1" in node.ice, node.ice
+    tab = await join_tab(new_tab, node, "addr", available=False)
+    (cap,) = [m["value"] for m in await tab.get("messages") if m["action"] == "cap" and m["peerId"] == node.peer_id]
+    assert cap["agent"] == "meshnode" and "engine_run" in [t["name"] for t in cap["tools"]]
+    assert not [line for line in node.log if "has no ICE candidates" in line]
+
+
+async def test_broadcast_ai_follows_the_real_responder_rule(node: NodeProcess, new_tab: TabFactory) -> None:
+    """12.2: a sender whose cap says available (its own model answers; its tools: current_time,
+    ping) gets no answer; an unavailable sender gets exactly one stream, to itself only."""
+    busy, idle = await asyncio.gather(join_tab(new_tab, node, "has-model", available=True),
+                                      join_tab(new_tab, node, "no-model", available=False))
+    for tab in (busy, idle):
+        chat = legion.build_chat(ts_ms=int(time.time() * 1000), from_id=tab.self_id or "", to="",
+                                 text="/ai Name one primary color.")
+        await tab.send_json("cm", chat)
+    # The idle tab's whole answer arrives; the node took both messages in order, so an answer to
+    # the busy tab would have started (and reached it) before this one ended.
+    await idle.wait("""([id]) => T.messages.some(m => m.action === 'cf' && m.peerId === id && m.b64
+                          && atob(m.b64).includes('done') && atob(m.b64).includes('finish_reason'))""",
+                    [node.peer_id], ANSWER_TIMEOUT_S)
+    assert await cf_objects(busy, node.peer_id) == []
+    frames = [obj for message in await cf_objects(idle, node.peer_id) for obj in message]
+    assert frames and frames[-1]["done"] and sum(len(f["ids"]) for f in frames) >= 1
+
+
+async def test_a_tab_without_hello_gets_one_object_per_message(node: NodeProcess, new_tab: TabFactory) -> None:
+    """12.5: bare frames, exactly one msgpack object per cf message, whatever the coalescing did;
+    the ids add up to the result's token count."""
+    tab = await join_tab(new_tab, node, "plain", available=False)
+    result = await call_engine_run(tab, node.peer_id, "tc-plain-1",
+                                   {"user": "Count from one to twenty.", "max_tokens": MAX_TOKENS, "temperature": 0})
+    assert result["status"] == "ok", result
+    await tab.wait("""([id]) => T.messages.filter(m => m.action === 'cf' && m.peerId === id).every(m => m.done)""",
+                   [node.peer_id])
+    messages = await cf_objects(tab, node.peer_id)
+    assert messages and all(len(objects) == 1 for objects in messages), messages
+    frames = [objects[0] for objects in messages]
+    assert all(set(f) <= {"ids", "done", "finish_reason"} for f in frames)
+    assert sum(len(f["ids"]) for f in frames) == result["result"]["content"]["tokens"]
+    assert frames[-1]["done"] and not any(f["done"] for f in frames[:-1])
