@@ -16,9 +16,16 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(data, ensure_ascii=False)
 
 
+def level_for(verbosity: int) -> int:
+    """The level of meshnode's own loggers: -1 (or less) warnings, 0 info, 1 (or more) debug."""
+    if verbosity <= -1:
+        return logging.WARNING
+    return logging.INFO if verbosity == 0 else logging.DEBUG
+
+
 def configure_logging(verbosity: int = 0, fmt: str = "text") -> None:
     """verbosity: -1 warnings only, 0 info, 1 debug for meshnode, 2 debug for everything."""
-    level = {-1: logging.WARNING, 0: logging.INFO}.get(min(verbosity, 0), logging.DEBUG)
+    level = level_for(verbosity)
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())

@@ -34,7 +34,7 @@ START_TIMEOUT_S = 90.0
 """The node process: import, load the embedded model (converted once per machine), join."""
 ANSWER_TIMEOUT_S = 60.0
 TAB_ACTIONS = ("cap", "cm", "cf", "tc")
-MAX_TOKENS = 24
+MAX_TOKENS = 32
 SERVING = re.compile(r"serving .* \(peer (?P<peer>\w+)\) .*ICE host candidates: (?P<ice>.*)$")
 
 
@@ -185,3 +185,71 @@ async def test_a_tab_without_hello_gets_one_object_per_message(node: NodeProcess
     assert all(set(f) <= {"ids", "done", "finish_reason"} for f in frames)
     assert sum(len(f["ids"]) for f in frames) == result["result"]["content"]["tokens"]
     assert frames[-1]["done"] and not any(f["done"] for f in frames[:-1])
+
+
+async def _honest_call(tab: Tab, peer_id: str, call_id: str) -> dict[str, Any]:
+    """One greedy engine_run as the real core makes it; returns its text, tokens and decode rate
+    (tokens per second between the first and the last cf message of the call, tab-side clock)."""
+    before = len([m for m in await tab.get("messages") if m["action"] == "cf" and m["peerId"] == peer_id])
+    result = await call_engine_run(tab, peer_id, call_id, {"user": "Count from one to fifty in words, separated by commas.",
+                                                           "max_tokens": MAX_TOKENS, "temperature": 0})
+    assert result["status"] == "ok", result
+    await tab.wait("([id, n]) => T.messages.filter(m => m.action === 'cf' && m.peerId === id).slice(n).some("
+                   "m => m.b64 && atob(m.b64).includes('finish_reason'))", [peer_id, before], ANSWER_TIMEOUT_S)
+    messages = [m for m in await tab.get("messages") if m["action"] == "cf" and m["peerId"] == peer_id][before:]
+    frames = []
+    for message in messages:
+        unpacker = msgpack.Unpacker(raw=False)
+        unpacker.feed(base64.b64decode(message["b64"]))
+        frames += [(message["t"], frame) for frame in unpacker]
+    content = result["result"]["content"]
+    carrying = [t for t, frame in frames if frame["ids"]]
+    span = (carrying[-1] - carrying[0]) / 1000 if len(carrying) > 1 else 0.0
+    rate = (content["tokens"] - 1) / span if span > 0 else float("inf")
+    return {"text": content["text"], "tokens": content["tokens"], "frame_tokens": sum(len(f["ids"]) for _, f in frames),
+            "rate": rate}
+
+
+ATTACKS = {
+    # A fresh identity each; every one ends with the node dropping (or ignoring) the attacker.
+    "garbage": """async ([node]) => { const bad = [1, 'x', {kind: 'call'}, {kind: 'call', v: 1, ts: 1}]
+        for (let i = 0; i < 600; i++) T.send('tc', {kind: 'json', value: bad[i % bad.length]}, node).catch(() => {})
+        for (let i = 0; i < 200; i++) T.send('cf', {kind: 'binary', size: 64, seed: i}, node).catch(() => {}) }""",
+    "calls": """async ([node]) => {
+        for (let i = 0; i < 300; i++) T.send('tc', {kind: 'json', value: {kind: 'call', v: 1, ts: Date.now(),
+            callId: 'x' + i, toolName: 'engine_run', args: {user: 'y'.repeat(50000), max_tokens: 4000}}}, node).catch(() => {}) }""",
+    "ai-flood+forged-cap": """async ([node, honest]) => {
+        await T.send('cap', {kind: 'json', value: {v: 1, ts: Date.now(), nick: 'meshnode-fake', modelId: 'x/y',
+            available: true, skills: [], systemPromptSummary: '', agent: 'meshnode',
+            load: {active: 0, queued: 0, max: 64}, tools: [{name: 'engine_run', description: '', inputSchema: {}}]}})
+        for (let i = 0; i < 200; i++) T.send('cm', {kind: 'json', value: {v: 1, ts: Date.now(), from: honest, to: '',
+            bodyKind: 'text', text: '/ai flood ' + i}}).catch(() => {}) }""",
+    "huge": """async ([node]) => { await T.send('tc', {kind: 'binary', size: 20 * 1024 * 1024, seed: 7}, node).catch(() => {}) }""",
+}
+
+
+async def test_a_hostile_tab_cannot_hurt_an_honest_one(node: NodeProcess, new_tab: TabFactory) -> None:
+    """Issue 13 in a real browser: an honest tab asks while hostile tabs (fresh identities) flood
+    garbage, oversized calls, /ai with a forged cap, and a 20 MiB action. The honest answers stay
+    exactly the unattacked one, none is lost (frames add up to each result), its decode rate stays
+    at half the unattacked one or more, and the node still serves a newcomer afterwards."""
+    honest = await join_tab(new_tab, node, "honest", available=False)
+    baseline = [await _honest_call(honest, node.peer_id, f"tc-calm-{i}") for i in range(2)]
+    assert baseline[0]["text"] == baseline[1]["text"] and baseline[0]["text"].strip()
+    calm_rate = min(b["rate"] for b in baseline)
+    attacked = []
+    for index, (name, script) in enumerate(ATTACKS.items()):
+        hostile = await join_tab(new_tab, node, f"hostile-{name}", available=False)
+        attack = asyncio.ensure_future(hostile.page.evaluate(script, [node.peer_id, honest.self_id]))
+        attacked.append(await _honest_call(honest, node.peer_id, f"tc-attacked-{index}"))
+        with contextlib.suppress(Exception):  # the node may have dropped the attacker meanwhile
+            await asyncio.wait_for(attack, 30)
+    print({"calm_rate": calm_rate, "attacked": {name: round(call["rate"], 1) for name, call in zip(ATTACKS, attacked)}})
+    for call in attacked:
+        assert call["text"] == baseline[0]["text"], call
+        assert call["frame_tokens"] == call["tokens"] == baseline[0]["tokens"], call
+        assert call["rate"] >= 0.5 * calm_rate, (call, calm_rate)
+    survivor = await join_tab(new_tab, node, "after", available=False)
+    after = await _honest_call(survivor, node.peer_id, "tc-after")
+    assert after["text"] == baseline[0]["text"]
+    assert node.process.returncode is None

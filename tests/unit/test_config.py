@@ -109,3 +109,25 @@ def test_max_concurrent_auto_depends_on_the_engine() -> None:
     assert resolve_max_concurrent(0, cuda_engine=False) == 8
     assert resolve_max_concurrent(0, cuda_engine=True) == 64
     assert resolve_max_concurrent(3, cuda_engine=True) == 3
+
+
+def test_verbose_enables_debug_and_quiet_only_warnings() -> None:
+    """Issue 13.5: `-v` shows why a peer was dropped (DEBUG); the old mapping kept every -v at INFO."""
+    import logging
+
+    from meshnode.cli.logsetup import configure_logging
+
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers))
+    try:
+        for verbosity, level in ((-2, logging.WARNING), (-1, logging.WARNING), (0, logging.INFO),
+                                 (1, logging.DEBUG), (2, logging.DEBUG)):
+            configure_logging(verbosity)
+            assert logging.getLogger("meshnode").level == level, verbosity
+            assert logging.getLogger("signaling").level == level, verbosity
+        assert logging.getLogger("aiortc").level == logging.DEBUG  # -vv: the WebRTC stack too
+    finally:
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
+        for name in ("meshnode", "signaling", "aiortc", "aioice", "aiomqtt", "websockets"):
+            logging.getLogger(name).setLevel(logging.NOTSET)

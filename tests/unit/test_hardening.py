@@ -322,3 +322,20 @@ async def test_a_call_without_max_tokens_gets_the_budget_that_fits() -> None:
         assert result["status"] == "ok" and 16 <= tokens < 50, result  # ~5 s at ~10 tok/s, not 256
     finally:
         await stop(task)
+
+
+async def test_leaving_and_rejoining_keeps_the_offence_count() -> None:
+    """13.1: a peer that leaves between offences (presence 0 / @_leave, then back) finds its
+    strikes where it left them: it is dropped at its 31st offence within the minute."""
+    room, service, task = await serve(TimedEngine(), max_strikes_per_minute=30)
+    try:
+        async with asyncio.timeout(10):
+            for round_ in range(4):
+                for i in range(10):
+                    room.actions["tc"].inbox.put_nowait(Msg(A, call(f"c{round_}-{i}", "rm_rf", {})))
+                while service.strikes < 10 * (round_ + 1):
+                    await asyncio.sleep(0.01)
+                service.peer_left(A)  # the room saw it leave; it comes back with the same id
+        assert [peer for peer, _, _ in room.dropped] == [A]
+    finally:
+        await stop(task)
