@@ -244,7 +244,7 @@ async def test_a_hostile_tab_cannot_hurt_an_honest_one(node: NodeProcess, new_ta
         attacked.append(await _honest_call(honest, node.peer_id, f"tc-attacked-{index}"))
         with contextlib.suppress(Exception):  # the node may have dropped the attacker meanwhile
             await asyncio.wait_for(attack, 30)
-    print({"calm_rate": calm_rate, "attacked": {name: round(call["rate"], 1) for name, call in zip(ATTACKS, attacked)}})
+    print({"calm_rate": calm_rate, "attacked": {name: round(call["rate"], 1) for name, call in zip(ATTACKS, attacked, strict=True)}})
     for call in attacked:
         assert call["text"] == baseline[0]["text"], call
         assert call["frame_tokens"] == call["tokens"] == baseline[0]["tokens"], call
