@@ -6,6 +6,7 @@ in step). Field docstrings are the documentation shown by `meshnode config show`
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 
 # Trystero's default STUN servers (trystero-wire §7.1); Unstable Legion tabs use the same list.
@@ -15,6 +16,40 @@ DEFAULT_ICE_SERVERS = [
     "stun:stun2.l.google.com:19302",
     "stun:stun.cloudflare.com:3478",
 ]
+
+
+_RATE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*(?:/\s*s|ps)?\s*$")
+_RATE_UNITS = {"": 1.0, "b": 1.0, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 1024.0, "mib": 1024.0 ** 2,
+               "gib": 1024.0 ** 3, "bit": 1 / 8, "kbit": 1e3 / 8, "mbit": 1e6 / 8, "gbit": 1e9 / 8}
+
+
+class ByteRate(float):
+    """Bytes per second, written as a number or with a unit: ``"50KB/s"``, ``"400kbit"``, ``"1MiB/s"``.
+
+    Byte units: B, KB (10^3), MB, GB, KiB (2^10), MiB, GiB; bit units: bit, kbit, Mbit, Gbit; each
+    optionally followed by ``/s``. Lower-case ``b`` alone means bytes only with no prefix; ``kb``,
+    ``mb`` and ``kbps`` are refused as ambiguous (bits or bytes?).
+    """
+
+    @classmethod
+    def parse(cls, value: object) -> ByteRate:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a byte rate, got {value!r}")
+        if isinstance(value, int | float):
+            number, unit = float(value), ""
+        else:
+            match = _RATE.match(str(value))
+            if match is None:
+                raise ValueError(f"expected a byte rate like 50KB/s or 400kbit, got {value!r}")
+            number, unit = float(match.group(1)), match.group(2)
+            if unit in {"kb", "mb", "gb"} or str(value).strip().lower().endswith("bps"):
+                raise ValueError(f"{value!r} is ambiguous: write KB/s for kilobytes or kbit/s for kilobits")
+        factor = _RATE_UNITS.get(unit.lower())
+        if factor is None:
+            raise ValueError(f"unknown unit {unit!r} in {value!r} (B, KB, MB, KiB, MiB, bit, kbit, Mbit)")
+        if number < 0:
+            raise ValueError(f"a byte rate cannot be negative: {value!r}")
+        return cls(number * factor)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,6 +108,23 @@ class WebRTCSettings:
     host_addresses: list[str] = field(default_factory=list)
     """Addresses ICE gathers host candidates on besides (append) or instead of (only) aioice's own,
     e.g. 127.0.0.1 on a loopback-only host (aioice never offers loopback by itself)."""
+    ice_transport_policy: str = "all"
+    """all | relay (TURN candidates only: tabs never learn this machine's addresses, and every
+    byte crosses the TURN relay; needs a turn: server in ice_servers)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinkSettings:
+    uplink_bytes_per_second: ByteRate = ByteRate(0)
+    """The node's upload budget for its streams: bytes/s or with a unit ("50KB/s", "400kbit");
+    0 = unlimited (no pacing: frames of up to legion.frame_max_ids ids every
+    legion.frame_max_delay_ms). With a budget, every stream is paced through it: one coalescing
+    window chosen from the budget, the connections and streams running and their measured token
+    rate; a stream that would not fit is refused with the reason and cap.available turns false."""
+    max_delay_ms: int = 450
+    """With a budget: the longest a generated id waits for company in a frame (the widest
+    coalescing window). Tabs see gaps of up to this plus scheduling jitter: 450 keeps a 500 ms
+    p95 inter-token promise."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -144,6 +196,7 @@ class Settings:
     room: RoomSettings = field(default_factory=RoomSettings)
     webrtc: WebRTCSettings = field(default_factory=WebRTCSettings)
     legion: LegionSettings = field(default_factory=LegionSettings)
+    link: LinkSettings = field(default_factory=LinkSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
 

@@ -16,6 +16,8 @@ from bench.lab.metrics import ServiceLevel
 from bench.lab.modes import DEFAULT_MODES, MODES
 from bench.lab.source import DEFAULT_COMPLETION_PATH
 
+DEFAULT_NODE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "uplink-50KBps.toml"
+
 DEFAULT_OUT = Path("bench/results/bench_50kBps")
 
 
@@ -28,8 +30,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"comma-separated, from: {', '.join(MODES)} (default: {','.join(DEFAULT_MODES)})")
     group.add_argument("--rate", type=float, default=30.0, help="tokens per second per stream (default 30)")
     group.add_argument("--tokens", type=int, help="tokens per stream (default: the whole recorded completion)")
-    group.add_argument("--streams-per-peer", type=int, default=10, metavar="S",
-                       help="streams each requesting peer runs (default 10: N streams use ceil(N/10) peers)")
+    group.add_argument("--streams-per-peer", type=int, default=1, metavar="S",
+                       help="streams each requesting tab runs (default 1, as in a Legion room: N streams, N tabs)")
+    group.add_argument("--late-fraction", type=float, default=0.1, metavar="F",
+                       help="share of the streams whose tabs join the room during the trial (default 0.1)")
+    group.add_argument("--tab-processes", type=int, default=2, metavar="K",
+                       help="processes the tabs are spread over (default 2)")
+    group.add_argument("--node-config", type=Path, default=DEFAULT_NODE_CONFIG, metavar="FILE.toml",
+                       help="the node's settings (meshnode join --config; default %(default)s); the bench adds "
+                            "the lab's room and TURN relay and --uplink CAP")
     group.add_argument("--streams", metavar="N[,N...]", help="run exactly these N per mode instead of searching")
     group.add_argument("--start", type=int, default=6,
                        help="first N of the search (default 6; paced modes start at --streams-per-peer or more)")
@@ -42,13 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--shaper", choices=["tbf", "coturn", "none"], default="tbf",
                        help="how the cap is enforced: tc tbf on the link (default), coturn --max-bps, none")
     group.add_argument("--queue-ms", type=int, default=200, help="token-bucket queue before drops (default 200)")
-    group.add_argument("--headroom", type=float, default=0.85,
-                       help="meshnode modes admit streams up to this fraction of the cap (default 0.85)")
     group.add_argument("--min-rate", type=float, default=10.0, help="service level: tok/s per stream (default 10)")
     group.add_argument("--max-p95-ms", type=float, default=500.0,
                        help="service level: p95 inter-token delay in ms (default 500)")
-    group.add_argument("--engine", choices=["replay", "real"], default="replay",
-                       help="replay the recorded completion (default) or run the embedded model")
     group.add_argument("--completion", type=Path, default=DEFAULT_COMPLETION_PATH, help="recorded completion JSON")
     group.add_argument("--record-completion", action="store_true",
                        help="generate the recorded completion with the embedded model, then exit")
@@ -71,7 +76,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         tokens=args.tokens, streams_per_peer=args.streams_per_peer, start_streams=args.start,
         max_streams=args.max_streams, refine_steps=args.refine, overload=args.overload,
         fixed_streams=[int(n) for n in args.streams.split(",")] if args.streams else None,
-        arrival_rate=args.arrival_rate, headroom=args.headroom, engine=args.engine, completion=args.completion,
+        arrival_rate=args.arrival_rate, late_fraction=args.late_fraction, tab_processes=args.tab_processes,
+        node_config=args.node_config, completion=args.completion,
         slo=ServiceLevel(min_rate=args.min_rate, max_p95_delay_seconds=args.max_p95_ms / 1000.0), workdir=workdir,
     )
 

@@ -14,6 +14,8 @@ Definitions:
 * **stall**: an inter-token delay above ``stall_seconds``.
 * **lost**: ids of an admitted stream that never arrived before the deadline.
 * **bytes per token**: IP bytes counted on the link during the trial / tokens delivered.
+* **refusal time**: from a refused stream's request to the refusal (the ``denied`` result with
+  its reason); a tab is "told why" when the result carries a reason.
 * **goodput**: tokens delivered per second over the trial's span (first request to last token);
   **SLO goodput** counts only streams that met the per-stream part of the service level (rate,
   nothing lost, their own p95 inter-token delay); **sustained goodput** is the SLO goodput in the
@@ -116,8 +118,13 @@ def _r(value: float | None, scale: float = 1.0, digits: int = 1) -> float | None
 
 
 def trial_metrics(streams: list[dict[str, Any]], *, offered: int, rate: float, expected: int,
-                  counters: LinkCounters | None, cap: float, slo: ServiceLevel) -> dict[str, Any]:
-    """Aggregate one trial; ``passed`` says whether it met the service level."""
+                  counters: LinkCounters | None, cap: float, slo: ServiceLevel,
+                  plain_tabs: bool = False) -> dict[str, Any]:
+    """Aggregate one trial; ``passed`` says whether it met the service level.
+
+    `plain_tabs`: the tabs read the answer from the result's ``content.text`` (as the Legion core
+    does), so a finished stream whose result has no text counts as an error.
+    """
     stats = [stream_stats(s, rate=rate, expected=expected, stall_seconds=slo.stall_seconds) for s in streams]
     admitted = [s for s in stats if not s["refused"]]
     refused = [s for s in stats if s["refused"]]
@@ -134,11 +141,22 @@ def trial_metrics(streams: list[dict[str, Any]], *, offered: int, rate: float, e
     ok_streams = [s for s in admitted if s["rate"] >= slo.min_rate and s["lost"] == 0 and not s["error"]
                   and (s["p95_gap"] or 0.0) <= slo.max_p95_delay_seconds]
     p95 = percentile(gaps, 95)
+    refusal_times = [s["result_at"] - s["started"] for s in streams
+                     if s.get("refused") and s.get("result_at") is not None]
+    late = [s for s, st in zip(streams, stats, strict=True) if s.get("late")]
+    no_text = sum(1 for s in streams if plain_tabs and s.get("done") and not s.get("refused")
+                  and not s.get("error") and not s.get("text_chars"))
     result: dict[str, Any] = {
         "offered": offered,
         "admitted": len(admitted),
         "refused": len(refused),
         "refusal": refused[0]["refused"] if refused else None,
+        "refusal_ms": {"p50": _r(percentile(refusal_times, 50), 1000), "max": _r(max(refusal_times, default=None), 1000)},
+        "refused_within_1s": sum(1 for t in refusal_times if t <= 1.0),
+        "refused_without_reason": sum(1 for s in refused if "no reason given" in str(s["refused"])),
+        "late_streams": len(late),
+        "late_within_slo": sum(1 for s, st in zip(streams, stats, strict=True) if s.get("late") and st in ok_streams),
+        "results_without_text": no_text,
         "errors": errors,
         "error_samples": sorted({str(s["error"]) for s in admitted if s["error"]})[:3],
         "tokens_delivered": received,
@@ -174,7 +192,7 @@ def trial_metrics(streams: list[dict[str, Any]], *, offered: int, rate: float, e
             "up_packets_per_token": round(counters.up_packets / per_token, 3),
         }
     result["passed"] = bool(
-        stats and not refused and errors == 0 and lost <= slo.max_lost
+        stats and not refused and errors == 0 and no_text == 0 and lost <= slo.max_lost
         and len(admitted) == offered and rates and min(rates) >= slo.min_rate
         and p95 is not None and p95 <= slo.max_p95_delay_seconds
     )

@@ -1,17 +1,23 @@
-"""The wire modes the bench compares, as :class:`meshnode.link.pacer.StreamPolicy` hooks.
+"""The wire modes the bench compares.
 
 =================  =============================================================================
-``json-sse``       baseline: one OpenAI-style ``text_completion`` chunk per token, sent as a JSON
-                   Trystero action (``sse``); what a JSON-SSE API would put on the channel
-``codec``          one Codec msgpack frame per token (what today's tabs get): a bare frame when a
-                   peer has one stream, an identity DATA envelope when it has several (a bare frame
-                   carries no stream id)
-``codec-zstd``     one frame per token in DATA envelopes, one streaming zstd context per stream
-``meshnode``       :class:`meshnode.link.pacer.Pacer`: adaptive coalescing window from the byte budget,
-                   per-stream streaming zstd and per-peer multiplexing negotiated through
-                   HELLO/READY, admission control
-``meshnode-solo``  the same without multiplexing (one message per stream per window)
+``json-sse``       baseline: one OpenAI-style ``text_completion`` chunk per token as a JSON
+                   message; what a JSON-SSE API would put on the channel
+``codec``          baseline: one Codec msgpack frame per token (what Codec-patched servers
+                   stream): a bare frame when a tab has one stream, DATA envelopes when several
+``codec-zstd``     baseline: one frame per token in DATA envelopes, streaming zstd per stream
+``unpaced``        the node as ``meshnode join`` runs without ``[link]`` budget: frames of up to
+                   ``frame_max_ids`` ids every ``frame_max_delay_ms``, plain tabs
+``meshnode``       the node with its ``[link]`` uplink budget (the :class:`Pacer` that
+                   ``meshnode join --uplink`` builds): adaptive window, admission; plain tabs
+``meshnode-hello`` the same node; the tabs negotiate through HELLO (per-stream zstd,
+                   multiplexing when a tab runs several streams, no repeated text)
+``node``           a real ``meshnode join --uplink …`` process, exactly as a user runs it, in front
+                   of a replaying Codec-HTTP upstream (``--engine-url``); plain tabs
 =================  =============================================================================
+
+The baselines are link policies of the bench (a node does not offer them); every other mode
+runs :class:`meshnode.node.node.Node` with settings loaded by meshnode's own loader.
 """
 
 from __future__ import annotations
@@ -22,11 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshnode.legion.streaming import FrameSender
-from meshnode.link.costs import PacingConfig
-from meshnode.link.pacer import MUX_FIELD, RESULT_TEXT_FIELD, Pacer
-from meshnode.link.policy import ActionLike, StreamPolicy, StreamSink
-
-SSE_ACTION = "sse"
+from meshnode.link.pacer import MUX_FIELD, RESULT_TEXT_FIELD
+from meshnode.link.policy import ActionLike, StreamSink
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,11 @@ class Mode:
     compression: tuple[str, ...] = ("identity",)
     mux: bool = False
     paced: bool = False
+    """The node runs with its [link] budget."""
+    baseline: bool = False
+    """A bench-only link policy replaces the node's own (json-sse, codec, codec-zstd)."""
+    process: bool = False
+    """The node is a real `meshnode join` process."""
     description: str = ""
 
     def hello_body(self) -> dict[str, Any] | None:
@@ -52,21 +60,19 @@ class Mode:
 
 
 MODES: dict[str, Mode] = {m.name: m for m in (
-    Mode("json-sse", hello=False, description="OpenAI-style JSON text chunk per token"),
-    Mode("codec", hello=False, description="one Codec msgpack frame per token"),
-    Mode("codec-zstd", hello=True, compression=("zstd", "identity"),
+    Mode("json-sse", hello=False, baseline=True, description="OpenAI-style JSON text chunk per token"),
+    Mode("codec", hello=False, baseline=True, description="one Codec msgpack frame per token"),
+    Mode("codec-zstd", hello=True, compression=("zstd", "identity"), baseline=True,
          description="one frame per token, per-stream streaming zstd"),
-    Mode("meshnode", hello=True, compression=("zstd", "identity"), mux=True, paced=True,
-         description="adaptive window + per-stream zstd + per-peer multiplexing + admission"),
-    Mode("meshnode-solo", hello=True, compression=("zstd", "identity"), paced=True,
-         description="adaptive window + per-stream zstd + admission, one message per stream"),
+    Mode("unpaced", hello=False, description="meshnode join without a link budget (16 ids / 50 ms frames)"),
+    Mode("meshnode", hello=False, paced=True,
+         description="meshnode join --uplink: adaptive window + admission, plain tabs"),
+    Mode("meshnode-hello", hello=True, compression=("zstd", "identity"), mux=True, paced=True,
+         description="the same node, HELLO askers: + per-stream zstd, multiplexing, no repeated text"),
+    Mode("node", hello=False, paced=True, process=True,
+         description="a real `meshnode join --uplink` process in front of a Codec-HTTP upstream, plain tabs"),
 )}
-DEFAULT_MODES = ("json-sse", "codec", "codec-zstd", "meshnode")
-
-
-def stream_hello_needed(mode: Mode, streams_per_peer: int) -> bool:
-    """codec mode needs envelopes (a stream id) once a peer runs several streams."""
-    return mode.hello or (mode.name == "codec" and streams_per_peer > 1)
+DEFAULT_MODES = ("json-sse", "codec", "unpaced", "meshnode")
 
 
 class _PerTokenSink:
@@ -121,12 +127,10 @@ class _JsonSseSink:
 
 
 class BaselinePolicy:
-    """:class:`StreamPolicy` for the unpaced modes: admit everything, one message per token."""
+    """:class:`StreamPolicy` for the baselines: admit everything, one message per token."""
 
-    def __init__(self, mode: Mode, *, sse_action: ActionLike | None = None, model_id: str = "",
-                 piece: Callable[[int, int], str] | None = None) -> None:
+    def __init__(self, mode: Mode, *, model_id: str = "", piece: Callable[[int, int], str] | None = None) -> None:
         self.mode = mode
-        self._sse_action = sse_action
         self._model_id = model_id
         self._piece = piece or (lambda index, token: f"<{token}>")
 
@@ -141,11 +145,13 @@ class BaselinePolicy:
 
     def open_stream(self, action: ActionLike, peer_id: str, stream_id: str, *, negotiated: bool,
                     compression: str) -> StreamSink:
-        if self.mode.name == "json-sse":
-            assert self._sse_action is not None
-            return _JsonSseSink(self._sse_action, peer_id, stream_id, self._model_id, self._piece)
+        if self.mode.name == "json-sse":  # JSON messages on cf: the same framing as any action
+            return _JsonSseSink(action, peer_id, stream_id, self._model_id, self._piece)
         sender = FrameSender(action, peer_id, stream_id=stream_id if negotiated else None, compression=compression)
         return _PerTokenSink(sender)
+
+    def connections_changed(self, count: int) -> None:
+        return None
 
     def release(self, peer_id: str, stream_id: str) -> None:
         return None
@@ -153,17 +159,5 @@ class BaselinePolicy:
     def result_content(self, peer_id: str, stream_id: str, content: dict[str, Any]) -> dict[str, Any]:
         return content
 
-
-def make_pacer(mode: Mode, *, budget: float, rate: float, headroom: float = 0.85,
-               max_window: float = 0.4) -> Pacer:
-    """The node's pacer for a paced mode."""
-    return Pacer(PacingConfig(budget_bytes_per_second=budget, token_rate=rate, headroom=headroom,
-                              max_window_seconds=max_window, multiplex=mode.mux))
-
-
-def policy_for(mode: Mode, *, pacer: Pacer | None, sse_action: ActionLike | None, model_id: str,
-               piece: Callable[[int, int], str] | None) -> StreamPolicy:
-    if mode.paced:
-        assert pacer is not None
-        return pacer
-    return BaselinePolicy(mode, sse_action=sse_action, model_id=model_id, piece=piece)
+    async def close(self) -> None:
+        return None

@@ -1,16 +1,16 @@
 """The bench's processes, each run inside a namespace by the runner (``python -m bench.lab.roles``).
 
 * ``signal``: the ws-relay signalling server (relay namespace).
-* ``node``: one serving node; joins rooms ``<prefix>-0 … <prefix>-(P-1)`` with one peer id (one
-  connection per requester, shared by its rooms, as Trystero shares connections per app) and
-  serves each with a :class:`LegionService` using the mode's policy. Every requester has a room of
-  its own, so requesters do not connect to each other (Trystero rooms are full meshes) and the
-  node's link carries only node traffic.
-* ``peers``: P requesters in one process, S streams each, started on ``go``; each stream records
-  when its ids arrive.
+* ``node``: a long-lived process that runs one :class:`meshnode.node.node.Node` per trial, in the
+  trial's room, with settings loaded by meshnode's own loader from the node's config file plus
+  the lab's room and ICE flags (the same path ``meshnode join`` takes); the engine replays the
+  recorded completion in-process. Baseline modes swap in their link policy.
+* ``upstream``: a Codec-HTTP server (meshnode's own) replaying the completion, for ``node`` mode's
+  real ``meshnode join --engine-url`` process.
+* ``tabs``: requesting tabs (:mod:`bench.lab.tabs`), started on ``go``; late tabs join mid-trial.
 
 Control: JSON lines on stdout (``{"event": "ready" | "result" | "stats", …}``), commands as lines
-on stdin (``go``, ``stop``); EOF on stdin also stops. Everything is bounded by timeouts.
+on stdin; EOF on stdin also stops. Everything is bounded by timeouts.
 """
 
 from __future__ import annotations
@@ -20,37 +20,27 @@ import asyncio
 import contextlib
 import json
 import logging
-import secrets
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.lab.modes import MODES, SSE_ACTION, Mode, make_pacer, policy_for, stream_hello_needed
-from bench.lab.source import DEFAULT_COMPLETION_PATH, Completion, ReplayEngine
-from meshnode.errors import FrameError, MeshError
-from meshnode.generation.api import CodecMapInfo
-from meshnode.generation.local import LocalBackend
-from meshnode.generation.modelinfo import ModelInfo
-from meshnode.legion.service import LegionService, ServiceConfig
-from meshnode.link.pacer import decode_mux_body
-from meshnode.room import Room, RoomConfig
-from meshnode.transport.ice import IcePolicy, apply_ice_policy
-from meshnode.wire import legion
-from meshnode.wire.compression import StreamDecompressor
-from meshnode.wire.envelopes import DATA, END, HELLO, READY, Envelope, decode_cf_payload, encode_envelope
-from meshnode.wire.frames import CodecFrame, StreamDecoder
+from bench.lab.modes import MODES, BaselinePolicy
+from bench.lab.source import DEFAULT_COMPLETION_PATH, Completion, ReplayBackend
+from bench.lab.tabs import Tab, is_node, tab_id
+from meshnode.link.pacer import Pacer
+from meshnode.room import Room
 
 logger = logging.getLogger("bench.lab.roles")
 
 APP_ID = "meshnode-bench"
+TURN_USER = TURN_PASSWORD = "bench"
 JOIN_TIMEOUT_SECONDS = 60.0
 LEAVE_TIMEOUT_SECONDS = 10.0
-STOP_GRACE_SECONDS = 5.0
-READY_TIMEOUT_SECONDS = 10.0
-TURN_USER = TURN_PASSWORD = "bench"
+NODE_START_SECONDS = 30.0
+NODE_DRAIN_SECONDS = 2.0
+DEFAULT_NODE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "uplink-50KBps.toml"
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -66,18 +56,31 @@ async def stdin_lines() -> asyncio.StreamReader:
     return reader
 
 
-def room_config(args: argparse.Namespace, room_id: str, self_id: str | None = None) -> RoomConfig:
-    ice = [{"urls": args.turn, "username": TURN_USER, "credential": TURN_PASSWORD}] if args.turn else []
-    return RoomConfig(strategy="ws-relay", relay_urls=[args.signal], app_id=APP_ID, room_id=room_id,
-                      self_id=self_id, ice_servers=ice,
-                      ice_transport_policy="relay" if args.turn else "all",
-                      drain_timeout_seconds=30.0)
+def turn_server(turn_url: str) -> str:
+    """``turn:HOST:PORT?…`` → the settings form with the lab's credentials."""
+    return "turn:" + f"{TURN_USER}:{TURN_PASSWORD}@" + turn_url.split(":", 1)[1]
 
 
-async def _leave_all(rooms: list[Room]) -> None:
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(LEAVE_TIMEOUT_SECONDS):
-            await asyncio.gather(*(room.leave() for room in rooms), return_exceptions=True)
+def lab_flags(*, room: str, signal_url: str, turn_url: str) -> dict[tuple[str, str], Any]:
+    """Settings for the lab's room and ICE (what a user passes as --room/--relay/--ice-server)."""
+    flags: dict[tuple[str, str], Any] = {
+        ("room", "room"): room, ("room", "app_id"): APP_ID, ("room", "strategy"): "ws-relay",
+        ("room", "relays"): [signal_url],
+    }
+    if turn_url:  # every byte through coturn, as on the shaped link
+        flags.update({("webrtc", "ice_servers"): [turn_server(turn_url)], ("webrtc", "ice_transport_policy"): "relay"})
+    else:  # loopback: host candidates on 127.0.0.1
+        flags.update({("webrtc", "ice_servers"): [], ("webrtc", "host_addresses_mode"): "only",
+                      ("webrtc", "host_addresses"): ["127.0.0.1"]})
+    return flags
+
+
+def workload_flags(*, budget: float, streams_per_tab: int, tokens: int) -> dict[tuple[str, str], Any]:
+    """What the workload needs beyond the node's config: its uplink, calls per tab, answer length."""
+    return {("link", "uplink_bytes_per_second"): budget,
+            ("legion", "max_calls_per_peer"): max(2, streams_per_tab),
+            ("legion", "calls_per_minute"): max(30, 6 * streams_per_tab),
+            ("engine", "max_tokens"): max(1024, tokens), ("legion", "nick"): "bench-node"}
 
 
 # -- signal -----------------------------------------------------------------------------------------
@@ -93,84 +96,63 @@ async def run_signal(args: argparse.Namespace) -> None:
 
 # -- node -------------------------------------------------------------------------------------------
 
-BENCH_MAP = CodecMapInfo(map_id="bench", map_hash="sha256:" + "0" * 64, data=b"{}")
-"""Replayed ids need no detokenizing at the node: a stand-in map."""
-
 
 class NodeTrial:
-    """One trial on the (long-lived) node process: rooms, services, engine, pacer."""
+    """One trial on the long-lived node process: a Node in the trial's room."""
 
-    def __init__(self, args: argparse.Namespace, command: dict[str, Any], completion: Completion,
-                 real_engine: Any) -> None:
-        self.args = args
-        self.mode = MODES[command["mode"]]
-        self.prefix = str(command["prefix"])
-        self.room_count = int(command["rooms"])
-        self.rate = float(command["rate"])
-        self.tokens = int(command["tokens"])
-        self.engine: Any = real_engine.engine if real_engine else ReplayEngine(completion, rate=self.rate,
-                                                                              tokens=self.tokens)
-        self.backend: Any = real_engine or LocalBackend(self.engine, self.engine, ModelInfo(self.engine.model_id, None))
-        self.completion = completion
-        self.pacer = (make_pacer(self.mode, budget=float(command["budget"]), rate=self.rate,
-                                 headroom=float(command.get("headroom", 0.85))) if self.mode.paced else None)
-        self.rooms: list[Room] = []
-        self.services: list[LegionService] = []
-        self.tasks: list[asyncio.Task[None]] = []
+    def __init__(self, args: argparse.Namespace, command: dict[str, Any], completion: Completion) -> None:
+        from meshnode.cli.config import load_settings
+        from meshnode.node.node import Node
 
-    def piece(self, index: int, token: int) -> str:
-        if isinstance(self.engine, ReplayEngine):
-            pieces = self.completion.pieces
-            return pieces[index] if index < len(pieces) else f"<{token}>"
-        return str(self.backend.decode([token]))
+        mode = MODES[command["mode"]]
+        tokens = int(command["tokens"])
+        flags = lab_flags(room=str(command["room"]), signal_url=args.signal, turn_url=args.turn)
+        flags.update(workload_flags(budget=float(command["budget"]) if mode.paced else 0.0,
+                                    streams_per_tab=int(command["streams_per_tab"]), tokens=tokens))
+        settings, _ = load_settings(args.config, env={}, flags=flags)
+        self.backend = ReplayBackend(completion, rate=float(command["rate"]), tokens=tokens)
+        pieces = completion.pieces
+        policy = (BaselinePolicy(mode, model_id=completion.model_id,
+                                 piece=lambda i, t: pieces[i] if i < len(pieces) else f"<{t}>")
+                  if mode.baseline else None)
+        self.node = Node(settings, self.backend, pacing=policy)
+        self.stop_event = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
 
     async def start(self) -> str:
-        self_id = secrets.token_hex(10)
-        self.rooms = list(await asyncio.gather(*(Room.join(room_config(self.args, f"{self.prefix}-{i}", self_id))
-                                                 for i in range(self.room_count))))
-        config = ServiceConfig(nick="bench-node", model_id=self.engine.model_id, skills=["chat"], authoritative=[],
-                               system_prompt="", max_calls_per_peer=10_000, calls_per_minute=1_000_000,
-                               max_tokens=100_000, default_max_tokens=self.tokens)
-        for index, room in enumerate(self.rooms):
-            policy = policy_for(self.mode, pacer=self.pacer, sse_action=room.make_action(SSE_ACTION),
-                                model_id=self.engine.model_id, piece=self.piece)
-            service = LegionService(room, self.backend, config=config, codec_map=BENCH_MAP, pacing=policy)
-            room.on_peer_join(service.peer_joined)
-            room.on_peer_leave(service.peer_left)
-            self.services.append(service)
-            self.tasks.append(asyncio.get_running_loop().create_task(service.run(), name=f"bench.node.service[{index}]"))
-        return self_id
+        self.task = asyncio.get_running_loop().create_task(
+            self.node.run(self.stop_event, drain_seconds=NODE_DRAIN_SECONDS), name="bench.node")
+        started = asyncio.ensure_future(self.node.started.wait())
+        try:
+            done, _ = await asyncio.wait([started, self.task], timeout=NODE_START_SECONDS,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            started.cancel()
+        if self.task in done:
+            self.task.result()
+        if not self.node.started.is_set() or self.node.room is None:
+            raise RuntimeError(f"the node did not start within {NODE_START_SECONDS:.0f} s")
+        return self.node.room.self_id
 
     async def stop(self) -> dict[str, Any]:
-        stats = {"pacer": self.pacer.stats.as_dict() if self.pacer else None,
-                 "completed": sum(s.completed_calls for s in self.services),
-                 "cancelled": sum(s.cancelled_calls for s in self.services)}
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        if self.pacer is not None:
-            await self.pacer.close()
-        await _leave_all(self.rooms)
-        if isinstance(self.engine, ReplayEngine):
-            await self.engine.close()
+        pacing = self.node.pacing
+        service = self.node.service
+        stats = {"pacer": pacing.summary() if isinstance(pacing, Pacer) else None,
+                 "completed": service.completed_calls if service else 0,
+                 "cancelled": service.cancelled_calls if service else 0}
+        self.stop_event.set()
+        if self.task is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(NODE_DRAIN_SECONDS + LEAVE_TIMEOUT_SECONDS):
+                    await asyncio.gather(self.task, return_exceptions=True)
+            self.task.cancel()
+        await self.backend.close()
         return stats
 
 
 async def run_node(args: argparse.Namespace) -> None:
     """A node that serves one trial at a time, on commands from stdin (JSON lines)."""
-    import meshnode.generation.torch_backend  # noqa: F401 - torch loads once here, not inside the first trial's stream
-
     completion = Completion.load(Path(args.completion))
-    real_engine: Any = None
-    if args.engine == "real":
-        from meshnode.generation.factory import build_engine
-        from meshnode.generation.models import resolve_model
-        from meshnode.generation.text import HFText
-        from meshnode.settings import EngineSettings
-
-        loaded = await asyncio.to_thread(resolve_model, None, device="cpu", progress=False)
-        engine = build_engine(loaded, EngineSettings(max_concurrent=64, max_queue=256), progress=False)
-        real_engine = LocalBackend(engine, HFText(loaded.tokenizer), ModelInfo(loaded.model_id, loaded.tokenizer))
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     reader = await stdin_lines()
@@ -186,8 +168,8 @@ async def run_node(args: argparse.Namespace) -> None:
             except ValueError:
                 continue
             if command.get("cmd") == "trial" and trial is None:
-                trial = NodeTrial(args, command, completion, real_engine)
-                emit("ready", peer_id=await trial.start(), rooms=trial.room_count)
+                trial = NodeTrial(args, command, completion)
+                emit("ready", peer_id=await trial.start())
             elif command.get("cmd") == "end" and trial is not None:
                 stats = await trial.stop()
                 trial = None
@@ -197,252 +179,154 @@ async def run_node(args: argparse.Namespace) -> None:
     finally:
         if trial is not None:
             await trial.stop()
-        if real_engine is not None:
-            await real_engine.close()
 
 
-# -- peers ------------------------------------------------------------------------------------------
+# -- upstream ---------------------------------------------------------------------------------------
 
 
-@dataclass
-class StreamRecord:
-    """What one requested stream saw (times in seconds on this process's monotonic clock)."""
+async def run_upstream(args: argparse.Namespace) -> None:
+    """meshnode's Codec-HTTP server in front of the replay engine."""
+    from aiohttp import web
 
-    peer: int
-    call_id: str
-    started: float = 0.0
-    first: float | None = None
-    arrivals: list[tuple[float, int]] = field(default_factory=list)
-    tokens: int = 0
-    done: bool = False
-    finish: str | None = None
-    refused: str | None = None
-    error: str | None = None
-    result_at: float | None = None
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
-    compression: str = "identity"
-    inflate: StreamDecompressor | None = None
-    decoder: StreamDecoder = field(default_factory=StreamDecoder)
-    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    from meshnode.http.requests import Limits
+    from meshnode.http.server import CodecHttpApp
 
-    def add(self, count: int, now: float) -> None:
-        if count <= 0:
-            return
-        if self.first is None:
-            self.first = now
-        self.arrivals.append((now, count))
-        self.tokens += count
-
-    def end(self, finish: str | None) -> None:
-        self.done = True
-        self.finish = finish
-        self.finished.set()
-
-    def summary(self, origin: float) -> dict[str, Any]:
-        return {
-            "peer": self.peer, "call_id": self.call_id, "started": round(self.started - origin, 4),
-            "first": None if self.first is None else round(self.first - origin, 4),
-            "arrivals": [[round(t - origin, 4), n] for t, n in self.arrivals], "tokens": self.tokens,
-            "done": self.done, "finish": self.finish, "refused": self.refused, "error": self.error,
-        }
+    backend = ReplayBackend(Completion.load(Path(args.completion)), rate=args.rate, tokens=args.tokens)
+    runner = web.AppRunner(CodecHttpApp(backend, Limits(max_tokens=max(1024, args.tokens or 0))).make_app())
+    await runner.setup()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    try:
+        await web.TCPSite(runner, args.host, args.port).start()
+        emit("started", url=f"http://{args.host}:{args.port}")
+        reader = await stdin_lines()
+        waiter = asyncio.ensure_future(reader.read())  # EOF: the runner is gone
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        stopper.cancel()
+    finally:
+        await runner.cleanup()
+        await backend.close()
 
 
-class Requester:
-    """One requesting peer: its own room, up to S streams to the node."""
-
-    def __init__(self, index: int, room: Room, mode: Mode, streams: int) -> None:
-        self.index = index
-        self.room = room
-        self.mode = mode
-        self.streams_per_peer = streams
-        self.caps = room.make_action("cap")
-        self.cf = room.make_action("cf")
-        self.tc = room.make_action("tc")
-        self.sse = room.make_action(SSE_ACTION)
-        self.node: str | None = None
-        self.node_seen = asyncio.Event()
-        self.node_available = True
-        self.records: dict[str, StreamRecord] = {}
-        self.by_mux: dict[tuple[str, int], StreamRecord] = {}
-
-    async def run(self) -> None:
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._loop(self.caps, self._on_cap), name=f"peer{self.index}.cap")
-            group.create_task(self._loop(self.cf, self._on_cf), name=f"peer{self.index}.cf")
-            group.create_task(self._loop(self.tc, self._on_tc), name=f"peer{self.index}.tc")
-            group.create_task(self._loop(self.sse, self._on_sse), name=f"peer{self.index}.sse")
-
-    async def _loop(self, action: Any, handler: Any) -> None:
-        while True:
-            message = await action.receive()
-            try:
-                handler(message.peer_id, message.payload, time.monotonic())
-            except (MeshError, ValueError, KeyError, TypeError) as exc:
-                logger.debug("peer %d: dropped a message: %s", self.index, exc)
-
-    def _on_cap(self, peer_id: str, payload: Any, now: float) -> None:
-        cap = legion.parse_cap(payload)
-        if "engine_run" in cap.tools:
-            self.node = peer_id
-            self.node_available = cap.available
-            self.node_seen.set()
-
-    def _on_tc(self, peer_id: str, payload: Any, now: float) -> None:
-        frame = legion.parse_tool_frame(payload)
-        record = self.records.get(frame.call_id)
-        if record is None or not isinstance(frame, legion.ToolResult):
-            return
-        record.result_at = now
-        if frame.status != "ok":
-            if record.tokens == 0:
-                record.refused = frame.error or frame.status
-            else:
-                record.error = frame.error or frame.status
-            record.end(None)
-        elif not record.done:
-            record.end(record.finish or "result-before-end")
-
-    def _frames(self, record: StreamRecord, data: bytes, now: float) -> None:
-        raw = record.inflate.decompress(data) if record.inflate is not None else data
-        for frame in record.decoder.feed(raw):
-            record.add(len(frame.ids), now)
-            if frame.done:
-                record.end(frame.finish_reason or "stop")
-
-    def _on_cf(self, peer_id: str, payload: Any, now: float) -> None:
-        if not isinstance(payload, bytes):
-            return
-        decoded = decode_cf_payload(payload)
-        if isinstance(decoded, CodecFrame):  # bare frames: only when this peer runs one stream
-            open_records = [r for r in self.records.values() if not r.done]
-            if len(open_records) == 1:
-                open_records[0].add(len(decoded.ids), now)
-                if decoded.done:
-                    open_records[0].end(decoded.finish_reason or "stop")
-            return
-        record = self.records.get(decoded.stream_id)
-        if decoded.kind == READY and record is not None:
-            body = decoded.body if isinstance(decoded.body, dict) else {}
-            record.compression = str(body.get("compression", "identity"))
-            if record.compression == "zstd":
-                record.inflate = StreamDecompressor()
-            if "mux" in body:
-                self.by_mux[(str(body["mux"]), int(body["mux_tag"]))] = record
-            record.ready.set()
-        elif decoded.kind == DATA and isinstance(decoded.body, bytes):
-            if record is not None:
-                self._frames(record, decoded.body, now)
-                return
-            for tag, data in decode_mux_body(decoded.body):
-                target = self.by_mux.get((decoded.stream_id, tag))
-                if target is not None:
-                    self._frames(target, data, now)
-        elif decoded.kind == END and record is not None and not record.done:
-            body = decoded.body if isinstance(decoded.body, dict) else {}
-            record.end(str(body.get("finish_reason", "stop")))
-
-    def _on_sse(self, peer_id: str, payload: Any, now: float) -> None:
-        if not isinstance(payload, dict) or not str(payload.get("id", "")).startswith("cmpl-"):
-            return
-        record = self.records.get(str(payload["id"])[5:])
-        if record is None:
-            return
-        choice = payload["choices"][0]
-        # One chunk per token; only a terminal chunk with no text carries none.
-        record.add(0 if choice.get("finish_reason") is not None and not choice.get("text") else 1, now)
-        if choice.get("finish_reason") is not None:
-            record.end(choice["finish_reason"])
-
-    async def start_stream(self, tokens: int) -> StreamRecord:
-        call_id = "tc-" + secrets.token_hex(6)
-        record = StreamRecord(peer=self.index, call_id=call_id, started=time.monotonic())
-        self.records[call_id] = record
-        assert self.node is not None
-        if not self.node_available:  # as a Legion tab does: ask only peers whose cap says available
-            record.refused = "cap.available is false"
-            record.end(None)
-            return record
-        try:
-            if stream_hello_needed(self.mode, self.streams_per_peer):
-                body = self.mode.hello_body() or {"codec_version": 1, "accept_compression": ["identity"],
-                                                  "accept_safety_policies": [], "intent": "chat"}
-                await self.cf.send(encode_envelope(Envelope(kind=HELLO, stream_id=call_id, seq=0, body=body)),
-                                   target=self.node)
-                # Call only once READY has come back: the node handles cf and tc in separate loops,
-                # so a call sent right behind its HELLO can overtake it (then no envelope, no mux).
-                async with asyncio.timeout(READY_TIMEOUT_SECONDS):
-                    await record.ready.wait()
-            call = legion.build_call(ts_ms=int(time.time() * 1000), call_id=call_id, tool_name="engine_run",
-                                     args={"user": "Tell me about meshes.", "max_tokens": tokens})
-            await self.tc.send(call, target=self.node)
-        except (MeshError, FrameError) as exc:
-            record.error = f"request failed: {exc}"
-            record.end(None)
-        except TimeoutError:
-            record.error = f"no READY within {READY_TIMEOUT_SECONDS:.0f} s"
-            record.end(None)
-        return record
+# -- tabs -------------------------------------------------------------------------------------------
 
 
-async def run_peers(args: argparse.Namespace) -> None:
-    mode = MODES[args.mode]
-    counts = [int(c) for c in args.streams.split(",")]
-    rooms = list(await asyncio.gather(*(Room.join(room_config(args, f"{args.prefix}-{i}"))
-                                        for i in range(len(counts)))))
-    requesters = [Requester(i, room, mode, counts[i]) for i, room in enumerate(rooms)]
+async def _join_tab(args: argparse.Namespace, index: int, streams: int, *, late: bool) -> Tab:
+    from meshnode.cli.config import load_settings
+    from meshnode.node.assembly import room_config
+
+    settings, _ = load_settings(None, env={}, flags=lab_flags(room=args.room, signal_url=args.signal,
+                                                               turn_url=args.turn))
+    room = await Room.join(room_config(settings, self_id=tab_id(), peer_filter=is_node))
+    return Tab(index, room, MODES[args.mode], streams, late=late)
+
+
+async def _leave_all(rooms: list[Room]) -> None:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(LEAVE_TIMEOUT_SECONDS):
+            await asyncio.gather(*(room.leave() for room in rooms), return_exceptions=True)
+
+
+async def run_tabs(args: argparse.Namespace) -> None:
+    """Early tabs connect, report ``ready``, and stream on ``go ORIGIN``; late tabs join mid-trial."""
+    from meshnode.node.assembly import ice_policy
+    from meshnode.settings import WebRTCSettings
+    from meshnode.transport.ice import apply_ice_policy
+
+    if not args.turn:
+        apply_ice_policy(ice_policy(WebRTCSettings(host_addresses_mode="only", host_addresses=["127.0.0.1"])))
+    counts = [int(c) for c in args.streams.split(",") if c]
+    late_counts = [int(c) for c in args.late.split(",") if c]
+    tabs = list(await asyncio.gather(*(_join_tab(args, args.first_index + i, n, late=False)
+                                       for i, n in enumerate(counts))))
+    late_tabs: list[Tab] = []
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     try:
         async with asyncio.TaskGroup() as group:
-            readers = [group.create_task(r.run(), name=f"bench.peer[{r.index}]") for r in requesters]
-            try:
+            readers = [group.create_task(t.run(), name=f"bench.tab[{t.index}]") for t in tabs]
+            with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(args.join_timeout):
-                    await asyncio.gather(*(r.node_seen.wait() for r in requesters))
-            except TimeoutError:
-                pass
-            ready = sum(r.node_seen.is_set() for r in requesters)
-            emit("ready", peers=ready, wanted=len(requesters))
+                    await asyncio.gather(*(t.node_seen.wait() for t in tabs))
+            ready = sum(t.node_seen.is_set() for t in tabs)
+            emit("ready", peers=ready, wanted=len(tabs))
             reader = await stdin_lines()
-            line = await reader.readline()
-            if line.strip() != b"go" or ready < len(requesters):
+            words = (await reader.readline()).split()
+            if not words or words[0] != b"go" or ready < len(tabs):
                 emit("result", streams=[], aborted=True)
                 for task in readers:
                     task.cancel()
                 return
-            origin = time.monotonic()
-            total = sum(counts)
+            origin = float(words[1]) if len(words) > 1 else time.monotonic()
+            await asyncio.sleep(max(0.0, origin - time.monotonic()))
             launches = []
-            order = 0
-            for round_index in range(max(counts, default=0)):  # round-robin over the peers
-                for requester, count in zip(requesters, counts, strict=True):
-                    if round_index >= count:
-                        continue
-                    delay = args.stagger * order / max(1, total)
-                    order += 1
-                    launches.append(group.create_task(_launch(requester, delay, args.tokens),
-                                                      name=f"bench.launch[{order}]"))
+            for order, (tab, delay) in enumerate(_schedule(tabs, args)):
+                launches.append(group.create_task(_launch(tab, delay, args.tokens), name=f"bench.launch[{order}]"))
+            late_runs = [group.create_task(_late_tab(args, group, late_tabs, args.first_late_index + i, n,
+                                                     args.late_at + i * args.late_spacing, readers),
+                                           name=f"bench.late[{i}]")
+                         for i, n in enumerate(late_counts)]
             records = [await task for task in launches]
+            for task in late_runs:
+                records.extend(await task)
+
             async def all_finished() -> None:
                 await asyncio.gather(*(r.finished.wait() for r in records))
 
-            finished = group.create_task(all_finished(), name="bench.peers.finished")
-            stopped = group.create_task(stop.wait(), name="bench.peers.stop")
+            finished = group.create_task(all_finished(), name="bench.tabs.finished")
+            stopped = group.create_task(stop.wait(), name="bench.tabs.stop")
             remaining = args.deadline - (time.monotonic() - origin)
-            await asyncio.wait([finished, stopped], timeout=max(0.1, remaining),
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([finished, stopped], timeout=max(0.1, remaining), return_when=asyncio.FIRST_COMPLETED)
             finished.cancel()
             stopped.cancel()
+            every = [*tabs, *late_tabs]
             emit("result", streams=[r.summary(origin) for r in records], aborted=False,
-                 elapsed=round(time.monotonic() - origin, 3))
+                 elapsed=round(time.monotonic() - origin, 3),
+                 multi_object_messages=sum(t.multi_object_messages for t in every),
+                 late_connect_s=[t.connect_s for t in late_tabs])
             for task in readers:
                 task.cancel()
     finally:
-        await _leave_all(rooms)
+        await _leave_all([t.room for t in [*tabs, *late_tabs]])
 
 
-async def _launch(requester: Requester, delay: float, tokens: int) -> StreamRecord:
+def _schedule(tabs: list[Tab], args: argparse.Namespace) -> list[tuple[Tab, float]]:
+    """(tab, delay) per stream: round-robin over the tabs, spread over the ramp by global order."""
+    out = []
+    for round_index in range(max((t.streams for t in tabs), default=0)):
+        for position, tab in enumerate(tabs):
+            if round_index < tab.streams:
+                order = args.first_index + position + round_index * args.total_tabs
+                out.append((tab, args.stagger * order / max(1, args.total_streams)))
+    return out
+
+
+async def _launch(tab: Tab, delay: float, tokens: int) -> Any:
     await asyncio.sleep(delay)
-    return await requester.start_stream(tokens)
+    return await tab.start_stream(tokens)
+
+
+async def _late_tab(args: argparse.Namespace, group: asyncio.TaskGroup, late_tabs: list[Tab], index: int,
+                    streams: int, at: float, readers: list[asyncio.Task[None]]) -> list[Any]:
+    """A tab that joins the room `at` seconds into the trial and streams once the node's cap arrives."""
+    from bench.lab.tabs import StreamRecord
+
+    await asyncio.sleep(at)
+    joined = time.monotonic()
+    tab = await _join_tab(args, index, streams, late=True)
+    late_tabs.append(tab)
+    readers.append(group.create_task(tab.run(), name=f"bench.late-tab[{index}]"))
+    try:
+        async with asyncio.timeout(args.join_timeout):
+            await tab.node_seen.wait()
+    except TimeoutError:
+        record = StreamRecord(tab=index, call_id=f"late-{index}", late=True, started=joined)
+        record.fail(f"late tab: no connection to the node within {args.join_timeout:.0f} s")
+        return [record]
+    tab.connect_s = round(time.monotonic() - joined, 2)
+    return [await tab.start_stream(args.tokens) for _ in range(streams)]
 
 
 # -- entry ------------------------------------------------------------------------------------------
@@ -454,22 +338,35 @@ def build_parser() -> argparse.ArgumentParser:
     sig = sub.add_parser("signal")
     sig.add_argument("--host", default="127.0.0.1")
     sig.add_argument("--port", type=int, required=True)
-    for name in ("node", "peers"):
+    up = sub.add_parser("upstream")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, required=True)
+    up.add_argument("--rate", type=float, required=True)
+    up.add_argument("--tokens", type=int)
+    up.add_argument("--completion", default=str(DEFAULT_COMPLETION_PATH))
+    for name in ("node", "tabs"):
         p = sub.add_parser(name)
         p.add_argument("--signal", required=True, help="ws-relay URL")
         p.add_argument("--turn", default="", help="TURN URL; empty: host candidates on 127.0.0.1")
         p.add_argument("-v", "--verbose", action="count", default=0)
     node = sub.choices["node"]
-    node.add_argument("--engine", choices=["replay", "real"], default="replay")
+    node.add_argument("--config", default=str(DEFAULT_NODE_CONFIG), help="the node's TOML settings")
     node.add_argument("--completion", default=str(DEFAULT_COMPLETION_PATH))
-    peers = sub.choices["peers"]
-    peers.add_argument("--mode", choices=sorted(MODES), required=True)
-    peers.add_argument("--prefix", required=True, help="room id prefix")
-    peers.add_argument("--tokens", type=int, default=100_000)
-    peers.add_argument("--streams", required=True, help="streams per peer, comma-separated (one per peer)")
-    peers.add_argument("--stagger", type=float, default=1.0)
-    peers.add_argument("--deadline", type=float, default=60.0)
-    peers.add_argument("--join-timeout", type=float, default=JOIN_TIMEOUT_SECONDS)
+    tabs = sub.choices["tabs"]
+    tabs.add_argument("--mode", choices=sorted(MODES), required=True)
+    tabs.add_argument("--room", required=True)
+    tabs.add_argument("--tokens", type=int, default=100_000)
+    tabs.add_argument("--streams", required=True, help="streams per early tab, comma-separated")
+    tabs.add_argument("--late", default="", help="streams per late tab, comma-separated")
+    tabs.add_argument("--late-at", type=float, default=5.0, help="seconds after go when the first late tab joins")
+    tabs.add_argument("--late-spacing", type=float, default=0.5, help="seconds between late tabs")
+    tabs.add_argument("--first-index", type=int, default=0, help="global index of this process's first tab")
+    tabs.add_argument("--first-late-index", type=int, default=0)
+    tabs.add_argument("--total-tabs", type=int, default=1, help="early tabs over all processes")
+    tabs.add_argument("--total-streams", type=int, default=1, help="early streams over all processes")
+    tabs.add_argument("--stagger", type=float, default=1.0)
+    tabs.add_argument("--deadline", type=float, default=60.0)
+    tabs.add_argument("--join-timeout", type=float, default=JOIN_TIMEOUT_SECONDS)
     return parser
 
 
@@ -478,9 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.WARNING - 10 * getattr(args, "verbose", 0)
     logging.basicConfig(level=level, stream=sys.stderr,
                         format=f"%(asctime)s {args.role} %(levelname)s %(name)s: %(message)s")
-    runner = {"signal": run_signal, "node": run_node, "peers": run_peers}[args.role]
-    if args.role != "signal" and not getattr(args, "turn", None):  # loopback lab: host candidates on 127.0.0.1
-        apply_ice_policy(IcePolicy(host_addresses_mode="only", host_addresses=("127.0.0.1",)))
+    runner = {"signal": run_signal, "node": run_node, "upstream": run_upstream, "tabs": run_tabs}[args.role]
     try:
         asyncio.run(runner(args))
     except KeyboardInterrupt:

@@ -18,8 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from meshnode.errors import AdmissionError
+from meshnode.generation.api import CodecMapInfo
+from meshnode.generation.local import LocalBackend
+from meshnode.generation.modelinfo import ModelInfo
+from meshnode.wire.maps import map_sha256
 
-if TYPE_CHECKING:  # meshnode.generation.engine imports torch: requesters never need it
+if TYPE_CHECKING:
     from meshnode.generation.api import SamplingParams, TokenStream
 
 logger = logging.getLogger(__name__)
@@ -182,6 +186,22 @@ class ReplayEngine:
         if self._ticker is not None:
             self._ticker.cancel()
             await asyncio.gather(self._ticker, return_exceptions=True)
+
+
+STAND_IN_MAP_BYTES = b"{}"
+"""Replayed ids need no detokenizing by the bench's tabs: a stand-in map document."""
+
+
+class ReplayBackend(LocalBackend):
+    """A :class:`LocalBackend` around a :class:`ReplayEngine` that serves a stand-in Codec map (the
+    node and the Codec-HTTP upstream use it like any local backend)."""
+
+    def __init__(self, completion: Completion, *, rate: float, tokens: int | None = None) -> None:
+        engine = ReplayEngine(completion, rate=rate, tokens=tokens)
+        super().__init__(engine, engine, ModelInfo(engine.model_id, None))  # type: ignore[arg-type]
+
+    async def codec_map(self) -> CodecMapInfo:
+        return CodecMapInfo(map_id="bench-replay", map_hash=map_sha256(STAND_IN_MAP_BYTES), data=STAND_IN_MAP_BYTES)
 
 
 @dataclass

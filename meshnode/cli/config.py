@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from meshnode.errors import ConfigError
-from meshnode.settings import SECRET_KEYS, Settings
+from meshnode.settings import SECRET_KEYS, ByteRate, Settings
 
 Key = tuple[str, str]
 
@@ -71,6 +71,8 @@ def _coerce(value: Any, typ: Any, key: Key, source: str) -> Any:
             if isinstance(value, bool):
                 raise ValueError(f"expected an integer, got {value!r}")
             return int(value)
+        if typ is ByteRate:
+            return ByteRate.parse(value)
         if typ is float:
             return float(value)
         if typ is str:
@@ -172,6 +174,14 @@ def _validate(settings: Settings, sources: dict[Key, str]) -> None:
         raise bad(("webrtc", "host_addresses_mode"), f"'auto' ignores webrtc.host_addresses "
                   f"{webrtc.host_addresses} (from {sources[('webrtc', 'host_addresses')]}): use 'append' "
                   "(aioice's addresses plus these) or 'only' (these alone), or leave the mode unset")
+    if webrtc.ice_transport_policy not in {"all", "relay"}:
+        raise bad(("webrtc", "ice_transport_policy"), "must be all or relay")
+    if webrtc.ice_transport_policy == "relay" and not any(url.startswith(("turn:", "turns:"))
+                                                          for url in webrtc.ice_servers):
+        raise bad(("webrtc", "ice_transport_policy"), "'relay' needs a turn: server in webrtc.ice_servers "
+                  "(--ice-server turn:USER:PASS@HOST:PORT)")
+    if settings.link.max_delay_ms < 50:
+        raise bad(("link", "max_delay_ms"), "must be at least 50 (the pacer's shortest window)")
     if webrtc.host_addresses_mode == "only" and not webrtc.host_addresses:
         raise bad(("webrtc", "host_addresses_mode"), "'only' needs webrtc.host_addresses (--ice-host-address)")
     for key in [

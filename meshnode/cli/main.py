@@ -35,6 +35,10 @@ FLAG_KEYS: dict[str, tuple[str, str]] = {
     "ice_server": ("webrtc", "ice_servers"),
     "ice_host_mode": ("webrtc", "host_addresses_mode"),
     "ice_host_address": ("webrtc", "host_addresses"),
+    "ice_transport_policy": ("webrtc", "ice_transport_policy"),
+    "uplink": ("link", "uplink_bytes_per_second"),
+    "max_delay_ms": ("link", "max_delay_ms"),
+    "max_connections": ("limits", "max_connections"),
     "nick": ("legion", "nick"),
     "system": ("legion", "system_prompt"),
     "host": ("http", "host"),
@@ -77,7 +81,20 @@ def _room_flags(parser: argparse.ArgumentParser, *, room_required: bool) -> None
                        help="which host addresses ICE gathers (only + 127.0.0.1 for loopback tests)")
     group.add_argument("--ice-host-address", action="append", metavar="ADDR",
                        help="host address to add/use per --ice-host-mode (repeat)")
+    group.add_argument("--ice-transport-policy", choices=["all", "relay"],
+                       help="relay: TURN candidates only (tabs never see this machine's addresses)")
     group.add_argument("--nick", help="name shown to other peers")
+
+
+def _link_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("link")
+    group.add_argument("--uplink", metavar="RATE",
+                       help="upload budget for the streams, e.g. 50KB/s or 400kbit (default 0 = unlimited): "
+                            "every stream is paced through it and new ones are refused when it is full")
+    group.add_argument("--max-delay-ms", type=int, metavar="MS",
+                       help="with --uplink: longest an id waits for company in a frame (default 500)")
+    group.add_argument("--max-connections", type=int, metavar="N",
+                       help="WebRTC connections at once; further tabs are refused (default 64)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "engine_run / ping tool calls and /ai chat, stream Codec frames to the asker.")
     _room_flags(join, room_required=False)
     _model_flags(join)
+    _link_flags(join)
     join.add_argument("--system", help="system prompt used when a request gives none")
     join.add_argument("--web", type=int, metavar="PORT", help="also serve the browser client page on this port")
     _common(join)
@@ -151,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--ask", metavar="QUESTION",
                       help="first ask this through the mesh from a Python peer and print the answer")
     _model_flags(demo)
+    _link_flags(demo)
     demo.add_argument("--nick", help="name the node shows in the page")
     _common(demo)
 
@@ -159,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show: effective values and their sources; default: print configs/default.toml")
     _room_flags(config, room_required=False)
     _model_flags(config)
+    _link_flags(config)
     _common(config)
     return parser
 

@@ -127,6 +127,7 @@ class LegionService:
         self._cap_changed = asyncio.Event()
         self._last_available: bool | None = None
         self._packed_map: str | None = None
+        self._connected: set[str] = set()
 
     @property
     def calls(self) -> dict[tuple[str, str], CallState]:
@@ -174,11 +175,17 @@ class LegionService:
     def peer_joined(self, peer_id: str) -> None:
         """Send our cap to the newcomer only (legion-mesh §5.3)."""
         logger.info("peer joined: %s", peer_id)
+        self._connected.add(peer_id)
+        if self.pacing is not None:
+            self.pacing.connections_changed(len(self._connected))
         self._tasks.spawn(self._send_cap(target=peer_id), f"cap->{peer_id[:8]}")
 
     def peer_left(self, peer_id: str) -> None:
         """Cancel everything the peer asked for; its budget stays (see :mod:`.budgets`)."""
         logger.info("peer left: %s", peer_id)
+        self._connected.discard(peer_id)
+        if self.pacing is not None:
+            self.pacing.connections_changed(len(self._connected))
         self.roster.remove(peer_id)
         self.hellos.pop(peer_id, None)
         self.outbox.forget(peer_id)

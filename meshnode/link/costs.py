@@ -40,6 +40,12 @@ class WireCosts:
     zstd_ratio: float = 0.75
     """Compressed/raw size of a frame (streaming zstd with a flush per message)."""
     zstd_block_bytes: int = 3
+    keepalive_bytes_per_second: float = 60.0
+    """One idle connection's upkeep each way: ICE consent checks and their answers, SCTP
+    heartbeats, TURN refreshes (measured by ``meshnode bench`` on idle connections)."""
+    connection_setup_bytes: int = 6000
+    """Uplink bytes of one connection's setup: ICE checks, the DTLS flight with its certificate,
+    SCTP association, Trystero handshake and the cap (measured by ``meshnode bench``)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,7 +71,7 @@ class PacingConfig:
     """Hysteresis: once full, ``available`` turns true again only when this fraction of the admitted
     streams (at least one) could still be added, so ``cap.available`` does not flap."""
     token_rate: float = 30.0
-    """Expected tokens per second per stream until measured."""
+    """Tokens per second per stream assumed until the streams' own rate is measured."""
     min_window_seconds: float = 0.05
     max_window_seconds: float = 0.4
     """Upper bound of the coalescing window: the latency promise (p95 inter-token delay)."""
@@ -96,9 +102,12 @@ def message_bytes(unit: UnitLoad, tokens: float, costs: WireCosts) -> float:
     return costs.trystero_bytes + wrapper + body
 
 
-def predict(units: list[UnitLoad], window: float, rate: float, costs: WireCosts) -> tuple[float, float, float]:
-    """(bytes/s out, bytes/s back, messages/s) for `units` at coalescing window `window`."""
-    out = back = messages = 0.0
+def predict(units: list[UnitLoad], window: float, rate: float, costs: WireCosts,
+            connections: int = 0) -> tuple[float, float, float]:
+    """(bytes/s out, bytes/s back, messages/s) for `units` at coalescing window `window`, plus the
+    upkeep of `connections` open connections (streaming or not)."""
+    out = back = connections * costs.keepalive_bytes_per_second
+    messages = 0.0
     for unit in units:
         if unit.streams <= 0:
             continue

@@ -62,6 +62,9 @@ MAX_PENDING_IDS_PER_STREAM = 4096
 TERMINAL_FLUSH_TIMEOUT_SECONDS = 30.0
 """Longest a stream's last frame may wait to go out before the stream gives up."""
 REPLAN_SECONDS = 0.5
+RATE_SAMPLE_STREAM_SECONDS = 5.0
+"""Stream-seconds of output per token-rate measurement (e.g. 10 streams for half a second)."""
+RATE_SMOOTHING = 0.3
 
 
 @dataclass
@@ -75,6 +78,8 @@ class _Slot:
     pending_since: float | None = None
     finish: str | None = None
     started: bool = False
+    sent_at: float = 0.0
+    """When the stream's last message went out (loop time)."""
     tokens: int = 0
     """Ids sent so far (the END envelope's total_tokens)."""
     flushed: asyncio.Future[None] | None = None
@@ -137,9 +142,13 @@ class _Unit:
             if slot.pending_since is None:
                 return asyncio.get_running_loop().time()  # a terminal frame without ids: now
             # A stream's first ids wait only the shortest window (time to first token), so that
-            # streams starting together still share a message.
-            wait = self.pacer.window if slot.started else self.pacer.config.min_window_seconds
-            at = slot.pending_since + wait
+            # streams starting together still share a message. Later messages go one window
+            # after the previous one: a steady stream sends exactly 1/W messages a second, and
+            # no id waits longer than W.
+            if slot.started:
+                at = max(slot.pending_since, slot.sent_at + self.pacer.window)
+            else:
+                at = slot.pending_since + self.pacer.config.min_window_seconds
             due = at if due is None else min(due, at)
         return due
 
@@ -150,7 +159,9 @@ class _Unit:
             return
         parts: list[tuple[_Slot, bytes]] = []
         tokens = 0
+        now = asyncio.get_running_loop().time()
         for slot in ready:
+            slot.sent_at = now
             ids, slot.pending, slot.pending_since = slot.pending, [], None
             slot.room.set()
             tokens += len(ids)
@@ -250,6 +261,7 @@ class _PacedSink:
             slot.room.clear()  # backpressure: the link is behind; let the engine stream coalesce
             await slot.room.wait()
         if ids:
+            self._unit.pacer.note_tokens(len(ids))
             if not slot.pending:
                 slot.pending_since = asyncio.get_running_loop().time()
             slot.pending.extend(ids)
@@ -298,8 +310,13 @@ class Pacer:
         self._mux_ids: dict[str, str] = {}
         self._mux_tags: dict[str, int] = {}
         self._tasks = TaskOwner("pacing")
-        self._tokens_seen = 0
-        self._rate_started: float | None = None
+        self._connections = 0
+        self._connected_at: deque[float] = deque(maxlen=4096)
+        self._rate = config.token_rate
+        self._rate_measured = False
+        self._rate_tokens = 0
+        self._rate_stream_seconds = 0.0
+        self._rate_tick = clock()
 
     # -- model --------------------------------------------------------------------------------------
 
@@ -317,12 +334,39 @@ class Pacer:
         return list(units.values())
 
     def rate(self) -> float:
-        """Tokens per second per stream: the configured rate (the replay or engine speed)."""
-        return self.config.token_rate
+        """Tokens per second per stream: measured from what the streams produce (the engine's speed
+        at the current load), ``token_rate`` until enough has been seen."""
+        return self._rate
+
+    def note_tokens(self, count: int) -> None:
+        self._rate_tokens += count
+
+    def _tick(self) -> None:
+        """Integrate stream-seconds; every RATE_SAMPLE_STREAM_SECONDS, fold in the observed rate."""
+        now = self.clock()
+        self._rate_stream_seconds += len(self._opened_at) * max(0.0, now - self._rate_tick)
+        self._rate_tick = now
+        if self._rate_stream_seconds < RATE_SAMPLE_STREAM_SECONDS:
+            return
+        observed = max(1.0, self._rate_tokens / self._rate_stream_seconds)
+        if self._rate_measured:
+            observed = (1 - RATE_SMOOTHING) * self._rate + RATE_SMOOTHING * observed
+        self._rate = observed
+        self._rate_measured = True
+        self._rate_tokens = 0
+        self._rate_stream_seconds = 0.0
+
+    def connections_changed(self, count: int) -> None:
+        """The node holds `count` connections: each costs upkeep, a new one its setup bytes."""
+        now = self.clock()
+        for _ in range(max(0, count - self._connections)):
+            self._connected_at.append(now)
+        self._connections = count
+        self._replan()
 
     def _predict(self, loads: list[UnitLoad], window: float) -> tuple[float, float, float]:
         """Frames (the cost model) plus every stream's control bytes spread over its lifetime."""
-        out, back, messages = predict(loads, window, self.rate(), self.config.costs)
+        out, back, messages = predict(loads, window, self.rate(), self.config.costs, self._connections)
         streams = sum(load.streams for load in loads)
         return out + streams * self.config.stream_control_bytes / max(1.0, self._lifetime), back, messages
 
@@ -344,11 +388,15 @@ class Pacer:
         return streams * scale
 
     def _startup_load(self) -> float:
-        """Bytes per second still owed to recent stream start-ups and refusals (READY, results)."""
+        """Bytes per second still owed to recent stream start-ups and refusals (READY, results) and
+        to recent connection set-ups."""
         horizon = self.clock() - self.config.startup_seconds
-        while self._admitted_at and self._admitted_at[0] < horizon:
-            self._admitted_at.popleft()
-        return len(self._admitted_at) * self.config.stream_control_bytes / self.config.startup_seconds
+        for times in (self._admitted_at, self._connected_at):
+            while times and times[0] < horizon:
+                times.popleft()
+        owed = (len(self._admitted_at) * self.config.stream_control_bytes
+                + len(self._connected_at) * self.config.costs.connection_setup_bytes)
+        return owed / self.config.startup_seconds
 
     def plan_window(self) -> float:
         """The smallest window in [min, max] that keeps the predicted load at the target
@@ -375,6 +423,7 @@ class Pacer:
         return hi
 
     def _replan(self) -> None:
+        self._tick()
         self._planned_at = self.clock()
         self.window = self.plan_window()
         self.stats.windows.append(self.window)
@@ -387,6 +436,12 @@ class Pacer:
         """Re-plan at most every REPLAN_SECONDS (start-up load fades as time passes)."""
         if self.clock() - self._planned_at >= REPLAN_SECONDS:
             self._replan()
+
+    def summary(self) -> dict[str, Any]:
+        """What the pacer did and what it measured (logged when the node leaves)."""
+        return {**self.stats.as_dict(), "budget_bytes_per_second": self.config.budget_bytes_per_second,
+                "token_rate": round(self._rate, 2), "rate_measured": self._rate_measured,
+                "connections": self._connections}
 
     # -- StreamPolicy -------------------------------------------------------------------------------
 
@@ -430,10 +485,9 @@ class Pacer:
         config = self.config
         if not config.admission or config.budget_bytes_per_second <= 0:
             return True
-        probe = _Shape(mux=config.multiplex, negotiated=True, compressed=True)
         room = 1 if not self._full else max(1, round(config.reopen_fraction * len(self._reserved)))
-        loads = self._loads()  # plus `room` newcomers, each on a peer of its own (the costly case)
-        loads.extend(UnitLoad(streams=1, mux=probe.mux, negotiated=True, compressed=True) for _ in range(room))
+        loads = self._loads()  # plus `room` newcomers, each a plain tab on a peer of its own (the costly case)
+        loads.extend(UnitLoad(streams=1, mux=False, negotiated=False, compressed=False) for _ in range(room))
         self._full = not self._fits(loads, config.max_window_seconds, config.headroom)
         return not self._full
 
@@ -451,6 +505,7 @@ class Pacer:
         info = self._negotiated.pop((peer_id, stream_id), None)
         mux = bool(info and info.mux)
         zstd = compression == "zstd"
+        self._tick()
         self._opened_at[(peer_id, stream_id)] = self.clock()
         if mux:
             key = self._mux_ids[peer_id]
@@ -469,6 +524,7 @@ class Pacer:
         return _PacedSink(unit, slot)
 
     def release(self, peer_id: str, stream_id: str) -> None:
+        self._tick()
         opened = self._opened_at.pop((peer_id, stream_id), None)
         if opened is not None:  # learn how long streams live (spreads their control bytes)
             self._lifetime = 0.9 * self._lifetime + 0.1 * max(1.0, self.clock() - opened)

@@ -50,10 +50,18 @@ class StreamPolicy(Protocol):
         """The sink for an admitted stream (`negotiated`: the asker sent a HELLO for it)."""
         ...
 
+    def connections_changed(self, count: int) -> None:
+        """The room now holds `count` connections (each costs the link upkeep, a new one its setup)."""
+        ...
+
     def release(self, peer_id: str, stream_id: str) -> None:
         """The stream is over (finished, failed or cancelled); idempotent."""
         ...
 
     def result_content(self, peer_id: str, stream_id: str, content: dict[str, Any]) -> dict[str, Any]:
         """The engine_run result content to send once the stream has ended (may drop ``text``)."""
+        ...
+
+    async def close(self) -> None:
+        """Stop whatever the policy runs (the node is leaving)."""
         ...

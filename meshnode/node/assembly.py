@@ -11,11 +11,13 @@ import dataclasses
 from typing import Any, TypeVar
 
 from meshnode.legion.service import ServiceConfig
+from meshnode.link.costs import PacingConfig
+from meshnode.link.pacer import Pacer
 from meshnode.room import RoomConfig
-from meshnode.settings import Settings, WebRTCSettings
+from meshnode.settings import LinkSettings, Settings, WebRTCSettings
 from meshnode.transport.ice import IcePolicy
 
-__all__ = ["ice_policy", "pick", "room_config", "service_config"]
+__all__ = ["ice_policy", "pick", "room_config", "service_config", "stream_policy"]
 
 T = TypeVar("T")
 
@@ -36,7 +38,8 @@ def room_config(settings: Settings, **overrides: Any) -> RoomConfig:
     # Per-peer limits against hostile room members (docs/limits.md) come from [limits].
     explicit: dict[str, Any] = {"strategy": r.strategy, "relay_urls": list(r.relays), "app_id": r.app_id,
                                 "room_id": r.room, "password": r.password,
-                                "ice_servers": list(settings.webrtc.ice_servers)}
+                                "ice_servers": list(settings.webrtc.ice_servers),
+                                "ice_transport_policy": settings.webrtc.ice_transport_policy}
     explicit.update(overrides)
     return pick(RoomConfig, settings.limits, **explicit)
 
@@ -50,3 +53,12 @@ def ice_policy(webrtc: WebRTCSettings) -> IcePolicy:
     """The process-wide ICE policy: addresses given without a mode mean ``append``."""
     mode = webrtc.host_addresses_mode or ("append" if webrtc.host_addresses else "auto")
     return IcePolicy(host_addresses_mode=mode, host_addresses=tuple(webrtc.host_addresses))  # type: ignore[arg-type]
+
+
+def stream_policy(link: LinkSettings) -> Pacer | None:
+    """The link policy [link] describes: a :class:`Pacer` on the uplink budget, or None (unlimited:
+    the service's own frames of up to ``frame_max_ids`` ids every ``frame_max_delay_ms``)."""
+    if link.uplink_bytes_per_second <= 0:
+        return None
+    return Pacer(PacingConfig(budget_bytes_per_second=float(link.uplink_bytes_per_second),
+                              max_window_seconds=link.max_delay_ms / 1000))

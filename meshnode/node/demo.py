@@ -18,7 +18,6 @@ from aiohttp import web
 
 from meshnode.generation.api import Backend
 from meshnode.legion.client import AskError, ask
-from meshnode.link.policy import StreamPolicy
 from meshnode.node.assembly import room_config
 from meshnode.node.node import Node
 from meshnode.node.webapp import bound_url, start_web
@@ -54,11 +53,10 @@ class Demo:
     """Relay + node + page. `start()` brings everything up; `close()` takes it down (idempotent)."""
 
     def __init__(self, settings: Settings, backend: Backend, *, web_port: int = 0, relay_port: int = 0,
-                 host_addresses_mode: str = "append", pacing: StreamPolicy | None = None) -> None:
+                 host_addresses_mode: str = "append") -> None:
         self.base_settings = settings
         self.host_addresses_mode = host_addresses_mode
         self.backend = backend
-        self.pacing = pacing
         self.relay = NostrRelayServer("127.0.0.1", relay_port)
         self.web_port = web_port
         self.node: Node | None = None
@@ -71,7 +69,7 @@ class Demo:
     async def start(self) -> str:
         await self.relay.start()
         settings = demo_settings(self.base_settings, self.relay.url, self.host_addresses_mode)
-        self.node = Node(settings, self.backend, pacing=self.pacing)
+        self.node = Node(settings, self.backend)
         self._node_task = asyncio.create_task(self.node.run(self.stop), name="demo.node")
         started = asyncio.create_task(self.node.started.wait(), name="demo.started")
         try:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Sequence
 from typing import Any
 
 from meshnode.generation.api import Backend, CodecMapInfo
 from meshnode.legion.service import LegionService
+from meshnode.link.pacer import Pacer
 from meshnode.link.policy import StreamPolicy
-from meshnode.node.assembly import ice_policy, room_config, service_config
+from meshnode.node.assembly import ice_policy, room_config, service_config, stream_policy
 from meshnode.room import Room
 from meshnode.settings import Settings
 from meshnode.transport.ice import apply_ice_policy
@@ -29,13 +31,16 @@ class Node:
     `run(stop)` joins, serves until `stop` is set, then drains (running streams get
     DRAIN_DEADLINE_SECONDS to finish, then are cancelled), tells peers it leaves, and leaves.
     `started` is set once the room is joined and the cap is going out.
+
+    Streams are paced as ``settings.link`` says (:func:`~meshnode.node.assembly.stream_policy`);
+    `pacing` replaces that policy (``meshnode bench`` compares other wire modes through it).
     """
 
     def __init__(self, settings: Settings, backend: Backend, *, relays: Sequence[Any] | None = None,
                  room_overrides: dict[str, Any] | None = None, pacing: StreamPolicy | None = None) -> None:
         self.settings = settings
         self.backend = backend
-        self.pacing = pacing
+        self.pacing = pacing if pacing is not None else stream_policy(settings.link)
         self._relays = relays
         self._room_overrides = room_overrides or {}
         self.room: Room | None = None
@@ -63,12 +68,24 @@ class Node:
             room.on_peer_join(service.peer_joined)
             room.on_peer_leave(service.peer_left)
             room.on_join_error(lambda peer_id, reason: logger.warning("peer %s could not join: %s", peer_id, reason))
-            logger.info("serving %s as %r (peer %s) in room %r, map %s; ICE host candidates: %s", self.model_id,
-                        nick, room.self_id, self.settings.room.room, self.codec_map.map_id, policy.describe())
+            logger.info("serving %s as %r (peer %s) in room %r, map %s; ICE host candidates: %s; uplink %s",
+                        self.model_id, nick, room.self_id, self.settings.room.room, self.codec_map.map_id,
+                        policy.describe(), self._describe_link())
             await self._serve(service, room, stop, drain_seconds)
         finally:
             await room.leave()
+            if self.pacing is not None:
+                await self.pacing.close()
+            if isinstance(self.pacing, Pacer):  # one JSON line: what the link budget did
+                logger.info("paced: %s", json.dumps(self.pacing.summary()))
             logger.info("left room %r", self.settings.room.room)
+
+    def _describe_link(self) -> str:
+        link = self.settings.link
+        if link.uplink_bytes_per_second <= 0:
+            legion = self.settings.legion
+            return f"unlimited (frames of up to {legion.frame_max_ids} ids every {legion.frame_max_delay_ms} ms)"
+        return f"{link.uplink_bytes_per_second:.0f} B/s, paced (windows up to {link.max_delay_ms} ms, admission)"
 
     async def _serve(self, service: LegionService, room: Room, stop: asyncio.Event, drain_seconds: float) -> None:
         try:

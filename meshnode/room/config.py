@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -89,6 +90,10 @@ class RoomConfig:
     """Open plus negotiating connections of this app; further peers are refused (0 = unlimited)."""
     ban_seconds: float = 60.0
     """How long a peer dropped for abuse is refused (signals and connections ignored)."""
+    peer_filter: Callable[[str], bool] | None = None
+    """Connect only to peers for which this is true; others' signals are ignored (None: every
+    peer, as Trystero does). For clients that talk to nodes only: e.g. ``meshnode bench`` puts
+    hundreds of requesting tabs in one room without meshing them with each other."""
 
     def __post_init__(self) -> None:
         for key in ("strategy", "app_id", "room_id"):

@@ -368,6 +368,10 @@ class RoomPeerFactory:
         self._room.attach(peer_id, link, send_presence=True)
         return True
 
+    def accepts(self, peer_id: str) -> bool:
+        wanted = self._room.config.peer_filter
+        return not self._mesh.is_banned(peer_id) and (wanted is None or wanted(peer_id))
+
     def _refuse(self, peer_id: str | None) -> None:
         if peer_id is not None and self._mesh.is_banned(peer_id):
             raise SignalingError(f"peer {peer_id} is banned for abuse")

@@ -134,6 +134,10 @@ class PeerFactory(Protocol):
         """
         ...
 
+    def accepts(self, peer_id: str) -> bool:
+        """False: ignore every signal from `peer_id` (banned, or not a peer this side talks to)."""
+        ...
+
     async def create_offer(self, peer_id: str | None) -> tuple[Any, str]:
         """A new initiating connection (it creates the data channel); returns (handle, full SDP).
 

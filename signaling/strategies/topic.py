@@ -155,6 +155,8 @@ class TopicStrategy(NegotiationEngine):
             return
         if signal.peer_id == self.self_id:
             return  # our own publication echoed back (§5.1)
+        if not self._factory.accepts(signal.peer_id):
+            return  # not even a counter-announce: no signalling with peers we will not connect to
 
         async def handle(neg: Negotiation) -> None:
             await self._handle_signal(relay, neg, signal)

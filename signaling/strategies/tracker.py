@@ -264,7 +264,7 @@ class TrackerStrategy(NegotiationEngine):
 
     async def _on_offer(self, relay: TrackerRelay, neg: Negotiation, offer: TrackerOffer) -> None:
         peer_id = neg.peer_id
-        if self._factory.is_live(peer_id) or neg.offer is not None:
+        if not self._factory.accepts(peer_id) or self._factory.is_live(peer_id) or neg.offer is not None:
             return
         if neg.answering is not None:
             waited = self._clock.time() - neg.answering.started
@@ -308,8 +308,8 @@ class TrackerStrategy(NegotiationEngine):
         self, neg: Negotiation, answer: TrackerAnswer, pooled: _PooledOffer
     ) -> None:
         peer_id = neg.peer_id
-        if self._factory.is_live(peer_id) or neg.offer is not None:
-            await self._factory.discard(pooled.handle)  # already connected / connecting
+        if not self._factory.accepts(peer_id) or self._factory.is_live(peer_id) or neg.offer is not None:
+            await self._factory.discard(pooled.handle)  # refused, already connected or connecting
             return
         if neg.answering is not None:
             # Crossed: we answered their offer (our pool was still empty, or theirs reached us

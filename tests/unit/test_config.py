@@ -131,3 +131,52 @@ def test_verbose_enables_debug_and_quiet_only_warnings() -> None:
         root.handlers[:] = saved[1]
         for name in ("meshnode", "signaling", "aiortc", "aioice", "aiomqtt", "websockets"):
             logging.getLogger(name).setLevel(logging.NOTSET)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("50KB/s", 50_000.0), ("400kbit", 50_000.0), ("400 kbit/s", 50_000.0), ("1MiB/s", 1024.0 ** 2),
+    ("6250", 6250.0), ("2.5MB", 2.5e6), ("8Mbit/s", 1e6), ("0", 0.0),
+])
+def test_uplink_takes_units(text: str, expected: float) -> None:
+    settings, sources = load_settings(None, env={}, flags={("link", "uplink_bytes_per_second"): text})
+    assert settings.link.uplink_bytes_per_second == pytest.approx(expected)
+    assert sources[("link", "uplink_bytes_per_second")] == "flag"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("400kbps", "ambiguous"), ("50kb/s", "ambiguous"), ("fast", "byte rate like"), ("5 furlongs", "unknown unit"),
+    ("-3KB/s", "byte rate like"),
+])
+def test_uplink_refuses_what_it_cannot_read(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(None, env={"MESHNODE_LINK__UPLINK_BYTES_PER_SECOND": text})
+
+
+def test_uplink_from_file_env_and_flag(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text('[link]\nuplink_bytes_per_second = "50KB/s"\n')
+    settings, _ = load_settings(path, env={})
+    assert settings.link.uplink_bytes_per_second == 50_000
+    settings, _ = load_settings(path, env={"MESHNODE_LINK__UPLINK_BYTES_PER_SECOND": "100kbit"})
+    assert settings.link.uplink_bytes_per_second == 12_500
+    args = build_parser().parse_args(["join", "--uplink", "20KB/s", "--config", str(path)])
+    from meshnode.cli.main import _flags
+
+    settings, _ = load_settings(args.config, env={}, flags=_flags(args))
+    assert settings.link.uplink_bytes_per_second == 20_000
+
+
+def test_every_shipped_config_loads() -> None:
+    root = Path(__file__).resolve().parents[2] / "configs"
+    for path in sorted(root.glob("*.toml")):
+        load_settings(path, env={})
+    settings, _ = load_settings(root / "uplink-50KBps.toml", env={})
+    assert settings.link.uplink_bytes_per_second == 50_000
+
+
+def test_relay_only_ice_needs_a_turn_server() -> None:
+    with pytest.raises(ConfigError, match="needs a turn: server"):
+        load_settings(None, env={}, flags={("webrtc", "ice_transport_policy"): "relay"})
+    settings, _ = load_settings(None, env={}, flags={("webrtc", "ice_transport_policy"): "relay",
+                                                     ("webrtc", "ice_servers"): ["turn:u:p@127.0.0.1:3478"]})
+    assert settings.webrtc.ice_transport_policy == "relay"

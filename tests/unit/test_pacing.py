@@ -112,3 +112,77 @@ def test_decode_mux_body_rejects_garbage() -> None:
         decode_mux_body(msgpack.packb({"not": "a list"}))
     with pytest.raises(ValueError, match="multiplexed"):
         decode_mux_body(msgpack.packb([[1, "text, not bytes"]]))
+
+
+async def test_the_token_rate_is_measured_from_the_streams() -> None:
+    now = [0.0]
+    pacer = Pacer(PacingConfig(budget_bytes_per_second=50_000, token_rate=30.0), clock=lambda: now[0])
+    action = FakeAction()
+    for index in range(10):
+        assert pacer.admit(f"tab{index}", "s") is None
+        pacer.open_stream(action, f"tab{index}", "s", negotiated=False, compression="identity")
+    assert pacer.rate() == 30.0  # nothing seen yet: the prior
+    for _ in range(20):  # 10 streams at 8 tokens/s each, for 2 s
+        now[0] += 0.1
+        pacer.note_tokens(8)
+        pacer.maybe_replan()
+    assert pacer.rate() == pytest.approx(8.0, rel=0.1)
+    await pacer.close()
+
+
+def test_a_slower_engine_lets_more_streams_in() -> None:
+    def admitted(rate: float) -> int:
+        pacer = Pacer(PacingConfig(budget_bytes_per_second=20_000, token_rate=rate))
+        count = 0
+        while pacer.admit(f"tab{count}", "s") is None and count < 1000:
+            count += 1
+        return count
+
+    assert admitted(5.0) > admitted(30.0) >= 1
+
+
+def test_connections_cost_budget_even_without_streams() -> None:
+    now = [0.0]
+    pacer = Pacer(PacingConfig(budget_bytes_per_second=20_000), clock=lambda: now[0])
+    alone = Pacer(PacingConfig(budget_bytes_per_second=20_000), clock=lambda: now[0])
+    pacer.connections_changed(150)  # 150 idle tabs: their upkeep eats into the budget
+    now[0] += 10.0  # past their set-up
+    counts = []
+    for p in (pacer, alone):
+        n = 0
+        while p.admit(f"tab{n}", "s") is None and n < 1000:
+            n += 1
+        counts.append(n)
+    assert counts[0] < counts[1]
+    assert pacer.summary()["connections"] == 150
+
+
+async def test_a_steady_stream_sends_one_message_per_window() -> None:
+    action = FakeAction()
+    pacer = Pacer(PacingConfig(budget_bytes_per_second=1_500, min_window_seconds=0.05, max_window_seconds=0.2))
+    assert pacer.admit("tab", "s") is None
+    sink = pacer.open_stream(action, "tab", "s", negotiated=False, compression="identity")
+    assert pacer.window == pytest.approx(0.2, abs=0.01)  # the small budget needs the widest window
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with asyncio.timeout(10):
+        for token in range(60):  # 1.2 s at 50 tokens/s
+            await sink.send([token], None)
+            await asyncio.sleep(0.02)
+        await sink.send([60], "length")
+    elapsed = loop.time() - started
+    await pacer.close()
+    frames = [decode_cf_payload(payload) for payload, _ in action.sent]
+    assert [i for f in frames for i in f.ids] == list(range(61))  # bare frames, every id once
+    # One message per window (plus the first, sent at the short window), not one per window + a token.
+    assert len(frames) <= elapsed / 0.2 + 2
+
+
+def test_the_node_paces_only_with_an_uplink() -> None:
+    from meshnode.node.assembly import stream_policy
+    from meshnode.settings import ByteRate, LinkSettings
+
+    assert stream_policy(LinkSettings()) is None
+    pacer = stream_policy(LinkSettings(uplink_bytes_per_second=ByteRate(50_000), max_delay_ms=300))
+    assert isinstance(pacer, Pacer)
+    assert pacer.config.budget_bytes_per_second == 50_000 and pacer.config.max_window_seconds == 0.3

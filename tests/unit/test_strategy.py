@@ -50,10 +50,14 @@ class FakeFactory:
         self.calls: asyncio.Queue[tuple[str, FakeHandle]] = asyncio.Queue()
         self.checked: asyncio.Queue[str] = asyncio.Queue()  # one entry per signal handled
         self.counter = 0
+        self.refused: set[str] = set()
 
     def is_live(self, peer_id: str) -> bool:
         self.checked.put_nowait(peer_id)
         return peer_id in self.live
+
+    def accepts(self, peer_id: str) -> bool:
+        return peer_id not in self.refused
 
     def _new(self, kind: str, peer_id: str | None) -> FakeHandle:
         self.counter += 1
@@ -222,6 +226,24 @@ async def test_larger_id_counter_announces_to_smaller(hub: MemoryHub) -> None:
     message = await remote.expect(lambda m: True)
     assert message == {"peerId": LARGE}  # a bare counter-announce on our self topic
     assert factory.calls.empty()
+    await strategy.close()
+
+
+@pytest.mark.parametrize("self_id, other", [(SMALL, LARGE), (LARGE, SMALL)])
+async def test_a_peer_the_factory_refuses_gets_no_signal_at_all(hub: MemoryHub, self_id: str, other: str) -> None:
+    """RoomConfig.peer_filter: neither an offer nor a counter-announce goes to a refused peer."""
+    factory = FakeFactory("picky")
+    factory.refused.add(other)
+    strategy = make_strategy([hub.relay()], self_id, factory)
+    remote = Listener(hub, other)
+    await remote.start()
+    await strategy.start()
+    await remote.heard(strategy.self_id)
+    for _ in range(3):
+        await remote.announce()
+    await asyncio.sleep(0.3)  # several of the strategy's announce periods
+    assert all(topic != remote.self_topic for topic, _ in list(remote.inbox._queue))  # type: ignore[attr-defined]
+    assert factory.calls.empty() and not factory.handles
     await strategy.close()
 
 
