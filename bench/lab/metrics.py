@@ -157,6 +157,9 @@ def trial_metrics(streams: list[dict[str, Any]], *, offered: int, rate: float, e
         "late_streams": len(late),
         "late_within_slo": sum(1 for s, st in zip(streams, stats, strict=True) if s.get("late") and st in ok_streams),
         "results_without_text": no_text,
+        "incomplete_samples": [{key: s.get(key) for key in ("peer", "late", "tokens", "done", "finish", "error",
+                                                             "started", "result_at")}
+                               for s, st in zip(streams, stats, strict=True) if st["lost"]][:5],
         "errors": errors,
         "error_samples": sorted({str(s["error"]) for s in admitted if s["error"]})[:3],
         "tokens_delivered": received,

@@ -23,7 +23,7 @@ runs :class:`meshnode.node.node.Node` with settings loaded by meshnode's own loa
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,6 +149,9 @@ class BaselinePolicy:
             return _JsonSseSink(action, peer_id, stream_id, self._model_id, self._piece)
         sender = FrameSender(action, peer_id, stream_id=stream_id if negotiated else None, compression=compression)
         return _PerTokenSink(sender)
+
+    def shape(self, action: ActionLike, peers: Callable[[], Sequence[str]]) -> ActionLike:
+        return action
 
     def connections_changed(self, count: int) -> None:
         return None

@@ -109,10 +109,15 @@ class LegionService:
         self.dropped_peers = 0
         self.strikes = 0
         """Abuse counters (for tests, the soak and metrics)."""
-        self._cap = room.make_action("cap")
-        self._chat_action = room.make_action("cm")
-        self._frames = room.make_action("cf")
-        self._tools = room.make_action("tc")
+        # With a link policy, every message goes through its shaping (the uplink's ceiling).
+        self._connected: set[str] = set()
+        peers = lambda: sorted(self._connected)  # noqa: E731 - whom a shaped broadcast reaches
+        shape: Callable[[Any], Any] = ((lambda action: pacing.shape(action, peers)) if pacing is not None
+                                       else (lambda action: action))
+        self._cap = shape(room.make_action("cap"))
+        self._chat_action = shape(room.make_action("cm"))
+        self._frames = shape(room.make_action("cf"))
+        self._tools = shape(room.make_action("tc"))
         self._tasks = TaskOwner("legion")
         self.outbox = Outbox(self._tasks)
         self.caller = ToolCaller(self._tools)
@@ -127,7 +132,6 @@ class LegionService:
         self._cap_changed = asyncio.Event()
         self._last_available: bool | None = None
         self._packed_map: str | None = None
-        self._connected: set[str] = set()
 
     @property
     def calls(self) -> dict[tuple[str, str], CallState]:

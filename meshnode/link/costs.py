@@ -40,9 +40,10 @@ class WireCosts:
     zstd_ratio: float = 0.75
     """Compressed/raw size of a frame (streaming zstd with a flush per message)."""
     zstd_block_bytes: int = 3
-    keepalive_bytes_per_second: float = 60.0
-    """One idle connection's upkeep each way: ICE consent checks and their answers, SCTP
-    heartbeats, TURN refreshes (measured by ``meshnode bench`` on idle connections)."""
+    keepalive_bytes_per_second: float = 110.0
+    """One idle tab's upkeep each way: ICE consent checks and their answers, SCTP heartbeats,
+    TURN refreshes, and the cap heartbeat (1.6 KB on the wire every 30 s); measured by
+    ``meshnode bench`` on idle connections."""
     connection_setup_bytes: int = 6000
     """Uplink bytes of one connection's setup: ICE checks, the DTLS flight with its certificate,
     SCTP association, Trystero handshake and the cap (measured by ``meshnode bench``)."""

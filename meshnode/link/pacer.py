@@ -40,13 +40,14 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 
 from meshnode.errors import MeshError
+from meshnode.link.bucket import ByteBucket, ShapedAction
 from meshnode.link.costs import PacingConfig, UnitLoad, predict
 from meshnode.link.policy import ActionLike, StreamSink
 from meshnode.tasks import TaskOwner
@@ -65,6 +66,7 @@ REPLAN_SECONDS = 0.5
 RATE_SAMPLE_STREAM_SECONDS = 5.0
 """Stream-seconds of output per token-rate measurement (e.g. 10 streams for half a second)."""
 RATE_SMOOTHING = 0.3
+CEILING_FRACTION = 0.95
 
 
 @dataclass
@@ -158,6 +160,9 @@ class _Unit:
         if not ready:
             return
         parts: list[tuple[_Slot, bytes]] = []
+        # The streams whose last frame this message carries. Decided now: ids and the finish that
+        # arrive while the message waits to go out belong to the next one.
+        ending: list[_Slot] = []
         tokens = 0
         now = asyncio.get_running_loop().time()
         for slot in ready:
@@ -169,6 +174,8 @@ class _Unit:
             frame = encode_frame(CodecFrame(ids=ids, done=slot.finish is not None, finish_reason=slot.finish))
             parts.append((slot, slot.compressor.compress(frame) if slot.compressor else frame))
             slot.started = True
+            if slot.finish is not None:
+                ending.append(slot)
         payloads: list[bytes] = []
         if self.mux:
             body = msgpack.packb([[slot.tag, data] for slot, data in parts], use_bin_type=True)
@@ -181,8 +188,8 @@ class _Unit:
                 payloads.append(encode_envelope(Envelope(kind=EnvelopeKind.DATA, stream_id=slot.stream_id,
                                                          seq=self.seq, body=data)))
                 self.seq += 1
-                if slot.finish is not None:
-                    payloads.append(end_envelope(slot.stream_id, self.seq, slot.finish, slot.tokens))
+                if ending:
+                    payloads.append(end_envelope(slot.stream_id, self.seq, slot.finish or "stop", slot.tokens))
             else:
                 payloads.append(data)
         try:
@@ -191,11 +198,10 @@ class _Unit:
                 self.pacer.stats.record_message(len(payload))
             self.pacer.stats.tokens += tokens
         finally:
-            for slot, _ in parts:
-                if slot.finish is not None:
-                    self.slots.pop(slot.stream_id, None)
-                    if slot.flushed is not None and not slot.flushed.done():
-                        slot.flushed.set_result(None)
+            for slot in ending:
+                self.slots.pop(slot.stream_id, None)
+                if slot.flushed is not None and not slot.flushed.done():
+                    slot.flushed.set_result(None)
 
 
 @dataclass
@@ -317,6 +323,10 @@ class Pacer:
         self._rate_tokens = 0
         self._rate_stream_seconds = 0.0
         self._rate_tick = clock()
+        self._tokens_total = 0
+        self._stream_seconds_total = 0.0
+        self.bucket = ByteBucket(self._ceiling)
+        """Every message of the node spends from it (:meth:`shape`): the hard ceiling under the plan."""
 
     # -- model --------------------------------------------------------------------------------------
 
@@ -340,11 +350,14 @@ class Pacer:
 
     def note_tokens(self, count: int) -> None:
         self._rate_tokens += count
+        self._tokens_total += count
 
     def _tick(self) -> None:
         """Integrate stream-seconds; every RATE_SAMPLE_STREAM_SECONDS, fold in the observed rate."""
         now = self.clock()
-        self._rate_stream_seconds += len(self._opened_at) * max(0.0, now - self._rate_tick)
+        stream_seconds = len(self._opened_at) * max(0.0, now - self._rate_tick)
+        self._rate_stream_seconds += stream_seconds
+        self._stream_seconds_total += stream_seconds
         self._rate_tick = now
         if self._rate_stream_seconds < RATE_SAMPLE_STREAM_SECONDS:
             return
@@ -355,6 +368,18 @@ class Pacer:
         self._rate_measured = True
         self._rate_tokens = 0
         self._rate_stream_seconds = 0.0
+
+    def _ceiling(self) -> float:
+        """Bytes/s messages may take: the budget less the connections' upkeep and a margin for what
+        aiortc sends on its own (ICE checks, DTLS handshakes, retransmissions)."""
+        budget = self.config.budget_bytes_per_second
+        upkeep = self._connections * self.config.costs.keepalive_bytes_per_second
+        return max(0.5 * budget, CEILING_FRACTION * budget - upkeep)
+
+    def shape(self, action: ActionLike, peers: Callable[[], Sequence[str]]) -> ActionLike:
+        if self.config.budget_bytes_per_second <= 0:
+            return action
+        return ShapedAction(action, self.bucket, self.config.costs, peers)
 
     def connections_changed(self, count: int) -> None:
         """The node holds `count` connections: each costs upkeep, a new one its setup bytes."""
@@ -440,7 +465,9 @@ class Pacer:
     def summary(self) -> dict[str, Any]:
         """What the pacer did and what it measured (logged when the node leaves)."""
         return {**self.stats.as_dict(), "budget_bytes_per_second": self.config.budget_bytes_per_second,
+                "bucket_wait_s": round(self.bucket.waited_seconds, 2),
                 "token_rate": round(self._rate, 2), "rate_measured": self._rate_measured,
+                "mean_token_rate": round(self._tokens_total / max(1e-9, self._stream_seconds_total), 2),
                 "connections": self._connections}
 
     # -- StreamPolicy -------------------------------------------------------------------------------

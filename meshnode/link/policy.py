@@ -8,7 +8,7 @@ byte budget; without a policy the service sends plain coalesced frames.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 __all__ = ["ActionLike", "StreamPolicy", "StreamSink"]
@@ -48,6 +48,12 @@ class StreamPolicy(Protocol):
     def open_stream(self, action: ActionLike, peer_id: str, stream_id: str, *, negotiated: bool,
                     compression: str) -> StreamSink:
         """The sink for an admitted stream (`negotiated`: the asker sent a HELLO for it)."""
+        ...
+
+    def shape(self, action: ActionLike, peers: Callable[[], Sequence[str]]) -> ActionLike:
+        """The action the service sends on: `action` itself, or one that keeps the node within its
+        uplink (every message of the service goes through it, not only the frames; `peers` lists
+        whom a broadcast reaches)."""
         ...
 
     def connections_changed(self, count: int) -> None:

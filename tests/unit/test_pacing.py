@@ -186,3 +186,57 @@ def test_the_node_paces_only_with_an_uplink() -> None:
     pacer = stream_policy(LinkSettings(uplink_bytes_per_second=ByteRate(50_000), max_delay_ms=300))
     assert isinstance(pacer, Pacer)
     assert pacer.config.budget_bytes_per_second == 50_000 and pacer.config.max_window_seconds == 0.3
+
+
+async def test_ids_and_the_finish_that_arrive_while_a_message_waits_go_in_the_next_one() -> None:
+    """A frame waiting for the link must not take the finish that arrived meanwhile: the last ids
+    would be lost and the result would overtake them."""
+
+    class SlowAction(FakeAction):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = asyncio.Event()
+
+        async def send(self, payload: Any, target: str | list[str] | None = None) -> None:
+            if not self.sent:
+                await self.gate.wait()  # the first message waits for the link
+            await super().send(payload, target)
+
+    action = SlowAction()
+    pacer = Pacer(PacingConfig(budget_bytes_per_second=50_000, min_window_seconds=0.01, max_window_seconds=0.02))
+    assert pacer.admit("tab", "s") is None
+    sink = pacer.open_stream(action, "tab", "s", negotiated=False, compression="identity")
+    async with asyncio.timeout(5):
+        await sink.send([1, 2, 3], None)
+        await asyncio.sleep(0.05)  # the first frame is now waiting inside send()
+        final = asyncio.ensure_future(sink.send([4, 5], "stop"))
+        await asyncio.sleep(0.05)
+        assert not final.done()  # the finish waits for its own frame, not the one in flight
+        action.gate.set()
+        await final
+    await pacer.close()
+    frames = [decode_cf_payload(payload) for payload, _ in action.sent]
+    assert [i for f in frames for i in f.ids] == [1, 2, 3, 4, 5]
+    assert [f.done for f in frames] == [False, True]
+
+
+async def test_the_bucket_holds_the_node_to_its_uplink_and_splits_broadcasts() -> None:
+    from meshnode.link.bucket import ByteBucket, ShapedAction, wire_bytes
+
+    costs = WireCosts()
+    bucket = ByteBucket(lambda: 20_000.0, burst_seconds=0.05)
+    action = FakeAction()
+    shaped = ShapedAction(action, bucket, costs, peers=lambda: ["a", "b", "c"])
+    payload = b"x" * 900
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with asyncio.timeout(10):
+        for _ in range(10):
+            await shaped.send(payload, target="a")
+        await shaped.send({"broadcast": True})  # a cap: one copy per peer, each paid for
+    elapsed = loop.time() - started
+    assert [target for _, target in action.sent[-3:]] == ["a", "b", "c"]
+    spent = 10 * wire_bytes(payload, costs) + 3 * wire_bytes({"broadcast": True}, costs)
+    assert bucket.spent == spent
+    assert elapsed >= (spent - 20_000 * 0.05) / 20_000 * 0.9  # never faster than the rate
+    assert wire_bytes(payload, costs) == 900 + 103 + 97 and wire_bytes(b"y" * 1200, costs) == 1200 + 103 + 2 * 97
