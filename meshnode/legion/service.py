@@ -85,6 +85,10 @@ class ServiceConfig:
     """How long a peer dropped for abuse is refused by the room."""
     call_deadline_seconds: float = 20.0
     """A call that would not finish within this is refused at once (0 = off)."""
+    flip_caps_to_all: bool = True
+    """When availability flips, broadcast the cap at once. False (a node on a byte budget, where
+    one broadcast costs a 1.6 KB cap per tab): a refused asker gets a fresh cap right after its
+    refusal, everyone else the current state with the next heartbeat."""
 
 
 class LegionService:
@@ -236,7 +240,8 @@ class LegionService:
 
     async def _send_cap(self, target: str | None = None) -> None:
         cap = self.build_cap()
-        self._last_available = cap["available"]
+        if target is None:
+            self._last_available = cap["available"]
         try:
             await self._cap.send(cap, target=target)
         except MeshError as exc:
@@ -244,7 +249,7 @@ class LegionService:
 
     def notify_load_changed(self) -> None:
         """Re-broadcast the cap when availability flips (saturated / free again)."""
-        if self.is_available() != self._last_available:
+        if self.config.flip_caps_to_all and self.is_available() != self._last_available:
             self._cap_changed.set()
 
     async def _heartbeat(self) -> None:
@@ -410,7 +415,10 @@ class LegionService:
         if refusal is not None:  # the node is busy: not the asker's fault, no offence
             logger.info("call %s from %s refused: %s", frame.call_id, peer_id, refusal)
             self.answer(peer_id, frame.call_id, "denied", error=refusal)
-            self.notify_load_changed()
+            if self.config.flip_caps_to_all:
+                self.notify_load_changed()
+            else:  # the asker learns the state at once, the room with the next heartbeat
+                self._tasks.spawn(self._send_cap(target=peer_id), f"cap->{peer_id[:8]}")
             return
         messages = args.messages
         if not any(m["role"] == "system" for m in messages) and self.config.system_prompt:

@@ -40,10 +40,11 @@ class WireCosts:
     zstd_ratio: float = 0.75
     """Compressed/raw size of a frame (streaming zstd with a flush per message)."""
     zstd_block_bytes: int = 3
-    keepalive_bytes_per_second: float = 110.0
-    """One idle tab's upkeep each way: ICE consent checks and their answers, SCTP heartbeats,
-    TURN refreshes, and the cap heartbeat (1.6 KB on the wire every 30 s); measured by
-    ``meshnode bench`` on idle connections."""
+    keepalive_bytes_per_second: float = 60.0
+    """One idle connection's transport upkeep each way: ICE consent checks and their answers,
+    SCTP heartbeats, TURN refreshes (sent by aiortc itself, outside the node's byte bucket)."""
+    cap_heartbeat_bytes_per_second: float = 55.0
+    """One tab's share of the cap heartbeat: a 1.3 KB cap (1.6 KB on the wire) every 30 s."""
     connection_setup_bytes: int = 6000
     """Uplink bytes of one connection's setup: ICE checks, the DTLS flight with its certificate,
     SCTP association, Trystero handshake and the cap (measured by ``meshnode bench``)."""
@@ -107,7 +108,8 @@ def predict(units: list[UnitLoad], window: float, rate: float, costs: WireCosts,
             connections: int = 0) -> tuple[float, float, float]:
     """(bytes/s out, bytes/s back, messages/s) for `units` at coalescing window `window`, plus the
     upkeep of `connections` open connections (streaming or not)."""
-    out = back = connections * costs.keepalive_bytes_per_second
+    back = connections * costs.keepalive_bytes_per_second
+    out = back + connections * costs.cap_heartbeat_bytes_per_second
     messages = 0.0
     for unit in units:
         if unit.streams <= 0:

@@ -46,7 +46,8 @@ def room_config(settings: Settings, **overrides: Any) -> RoomConfig:
 
 def service_config(settings: Settings, *, nick: str, model_id: str) -> ServiceConfig:
     return pick(ServiceConfig, settings.engine, settings.legion, settings.limits, nick=nick, model_id=model_id,
-                skills=list(settings.legion.skills), authoritative=list(settings.legion.authoritative))
+                skills=list(settings.legion.skills), authoritative=list(settings.legion.authoritative),
+                flip_caps_to_all=settings.link.uplink_bytes_per_second <= 0)
 
 
 def ice_policy(webrtc: WebRTCSettings) -> IcePolicy:

@@ -297,3 +297,45 @@ async def test_ai_chat_directed_and_broadcast(svc: Any) -> None:
     async with asyncio.timeout(5):
         await room.actions["cf"].wait_for(lambda item: decode_cf_payload(item[0]).done)
     assert len(engine.streams) == 2
+
+
+async def test_on_a_byte_budget_a_refused_asker_gets_a_fresh_cap_and_the_room_no_broadcast() -> None:
+    """A node with [link] uplink refuses what does not fit, tells the asker why and sends it the
+    cap (available false); it does not broadcast a cap to every tab (1.6 KB each) on the flip."""
+    from meshnode.link.costs import PacingConfig
+    from meshnode.link.pacer import Pacer
+
+    room, engine = FakeRoom(), FakeEngine()
+    engine.gate = asyncio.Event()  # streams stay open: the budget stays taken
+    pacer = Pacer(PacingConfig(budget_bytes_per_second=6_000))  # room for a few plain streams
+    service = LegionService(room, fake_backend(engine), config=config(flip_caps_to_all=False), codec_map=MAP,
+                            pacing=pacer)
+    task = asyncio.create_task(service.run())
+    try:
+        async with asyncio.timeout(10):
+            caps = room.make_action("cap")
+            tabs = [f"tab{i:02d}" + "x" * 15 for i in range(12)]
+            for tab in tabs:
+                service.peer_joined(tab)
+            while sum(1 for _, target in caps.sent if target in tabs) < len(tabs):  # each newcomer's cap
+                await asyncio.sleep(0.05)
+            joined_caps = len(caps.sent)
+            for index, tab in enumerate(tabs):
+                room.actions["tc"].inbox.put_nowait(Msg(tab, call(f"c{index}", "engine_run", {"user": "hi"})))
+            denied = await room.actions["tc"].wait_for(
+                lambda item: item[0].get("kind") == "result" and item[0]["status"] == "denied")
+            assert "link budget" in denied[0]["error"]
+            refused_tab = denied[1]
+            while not any(target == refused_tab for _, target in caps.sent[joined_caps:]):
+                await asyncio.sleep(0.05)
+            fresh = next(payload for payload, target in caps.sent[joined_caps:] if target == refused_tab)
+            assert fresh["available"] is False
+            await asyncio.sleep(0.5)
+            refused = {target for payload, target in room.actions["tc"].sent if payload.get("status") == "denied"}
+            later = [target for payload, target in caps.sent[joined_caps:] if not payload["available"]]
+            assert later and set(later) <= refused  # no flip broadcast: only refused askers were told
+    finally:
+        engine.gate.set()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await pacer.close()
