@@ -27,6 +27,8 @@ FLAG_KEYS: dict[str, tuple[str, str]] = {
     "max_concurrent": ("engine", "max_concurrent"),
     "max_queue": ("engine", "max_queue"),
     "max_prompt_tokens": ("engine", "max_prompt_tokens"),
+    "engine_url": ("engine", "upstreams"),
+    "tokenizer": ("engine", "tokenizer"),
     "room": ("room", "room"),
     "app_id": ("room", "app_id"),
     "strategy": ("room", "strategy"),
@@ -61,6 +63,11 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
                        help="streams decoded together (default 0 = auto: 64 on the CUDA engine, 8 otherwise)")
     group.add_argument("--max-queue", type=int, metavar="N", help="requests that may wait for a slot")
     group.add_argument("--max-prompt-tokens", type=int, metavar="N", help="longest accepted prompt")
+    group.add_argument("--engine-url", action="append", metavar="URL",
+                       help="serve from a remote engine instead of a local model (repeat for several): "
+                            "[codec|vllm|sglang|llamacpp+]http://HOST:PORT[?max_concurrent=N]; see docs/engines.md")
+    group.add_argument("--tokenizer", metavar="PATH",
+                       help="tokenizer folder or tokenizer.json for --engine-url upstreams that serve no map")
 
 
 def _room_flags(parser: argparse.ArgumentParser, *, room_required: bool) -> None:
