@@ -32,7 +32,7 @@ from meshnode.generation.remote.dialects import Dialect, HttpCall, Piece
 from meshnode.generation.remote.engines import LlamaCppDialect, SglangDialect, VllmDialect
 from meshnode.generation.remote.pool import Pool, Upstream
 from meshnode.generation.remote.tokenizer import LocalTokenizer
-from meshnode.generation.remote.upstream import UpstreamError, UpstreamSpec
+from meshnode.generation.remote.upstream import UpstreamError, UpstreamSpec, read_limited
 from meshnode.tasks import TaskOwner
 from meshnode.wire.maps import Detokenizer, parse_map
 
@@ -288,8 +288,8 @@ class RemoteBackend:
             self.pool.refuse(upstream, problem)
             raise UpstreamError(problem, url=upstream.url, status=200)
         try:
-            detail = (await response.content.read(MAX_ERROR_BODY_BYTES)).decode("utf-8", "replace").strip()
-        except (aiohttp.ClientError, TimeoutError, OSError):
+            detail = (await read_limited(response, MAX_ERROR_BODY_BYTES)).decode("utf-8", "replace").strip()
+        except (aiohttp.ClientError, TimeoutError, OSError, ProtocolError):  # the refusal stands without text
             detail = ""
         finally:
             response.close()

@@ -21,7 +21,7 @@ import aiohttp
 from meshnode.errors import FrameError, ProtocolError
 from meshnode.generation.api import CodecMapInfo, FinishReason, Prompt, SamplingParams
 from meshnode.generation.remote.dialects import HttpCall, Piece
-from meshnode.generation.remote.upstream import UpstreamError
+from meshnode.generation.remote.upstream import UpstreamError, read_limited
 from meshnode.wire.frames import StreamDecoder
 from meshnode.wire.maps import family_for_model_id, map_sha256, parse_map
 
@@ -143,12 +143,9 @@ async def _get(session: aiohttp.ClientSession, url: str, base: str) -> bytes:
         async with session.get(url, headers={"Accept-Encoding": "identity"}) as response:
             if response.status != 200:
                 raise UpstreamError(f"GET {url} answered {response.status}", url=base, status=response.status)
-            data = await response.content.read(MAX_MAP_BYTES + 1)
-    except (aiohttp.ClientError, TimeoutError) as exc:
+            return await read_limited(response, MAX_MAP_BYTES)
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         raise UpstreamError(f"GET {url} failed: {exc or type(exc).__name__}", url=base) from exc
-    if len(data) > MAX_MAP_BYTES:
-        raise ProtocolError(f"{url} is larger than {MAX_MAP_BYTES} bytes")
-    return data
 
 
 async def fetch_map(session: aiohttp.ClientSession, base: str, model_id: str | None) -> CodecMapInfo:

@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from meshnode.errors import ProtocolError
 from meshnode.generation.api import UpstreamStatus
 from meshnode.generation.remote.dialects import Dialect
-from meshnode.generation.remote.upstream import UpstreamSpec
+from meshnode.generation.remote.upstream import UpstreamSpec, read_limited
 
 __all__ = ["BACKOFF_BASE_SECONDS", "BACKOFF_CAP_SECONDS", "HEALTH_INTERVAL_SECONDS", "Pool", "Upstream"]
 
@@ -206,8 +207,8 @@ async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, bytes] | 
     """GET with the health timeout: (status, body) or why it failed."""
     try:
         async with asyncio.timeout(HEALTH_TIMEOUT_SECONDS), session.get(url) as response:
-            return response.status, await response.content.read(MAX_DISCOVERY_BYTES)
-    except (aiohttp.ClientError, TimeoutError, OSError) as exc:  # down, refused, reset, timed out
+            return response.status, await read_limited(response, MAX_DISCOVERY_BYTES)
+    except (aiohttp.ClientError, TimeoutError, OSError, ProtocolError) as exc:  # down, reset, timed out, huge
         return f"GET {url} failed: {exc or type(exc).__name__}"
 
 

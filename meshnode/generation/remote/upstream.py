@@ -10,9 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
-from meshnode.errors import ConfigError, MeshError
+import aiohttp
 
-__all__ = ["DIALECT_NAMES", "UpstreamError", "UpstreamSpec", "parse_upstream"]
+from meshnode.errors import ConfigError, MeshError, ProtocolError
+
+__all__ = ["DIALECT_NAMES", "UpstreamError", "UpstreamSpec", "parse_upstream", "read_limited"]
 
 DIALECT_NAMES = ("codec", "vllm", "sglang", "llamacpp")
 """Known dialects, by the name used before ``+`` in an engine URL."""
@@ -74,3 +76,13 @@ class UpstreamError(MeshError):
         self.url = url
         self.retryable = retryable
         self.status = status
+
+
+async def read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body, refusing one longer than ``limit`` bytes (ProtocolError)."""
+    body = bytearray()
+    async for data in response.content.iter_any():
+        body += data
+        if len(body) > limit:
+            raise ProtocolError(f"{response.url} sent more than {limit} bytes")
+    return bytes(body)
