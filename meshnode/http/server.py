@@ -5,7 +5,7 @@ Routes (legion-mesh §2.6, §4.4):
   GET  /v1/models
   GET  /.well-known/codec/index.json, /.well-known/codec/maps/<id>.json
   GET  /metrics                                      Prometheus text format
-  GET  /health                                       200 {"status": "ok"} (for fronting nodes' health checks)
+  GET  /health                                       200 {"status": "ok"}; 503 with no capacity (all upstreams down)
 
 A client that leaves mid-stream (disconnect, or its task cancelled) cancels the generation and is
 counted in ``meshnode_http_cancelled_total``. A ``Codec-Client-Version`` whose major is not the
@@ -90,6 +90,9 @@ class CodecHttpApp:
         return app
 
     async def health(self, request: web.Request) -> web.Response:
+        """200 while the backend can serve; 503 when it has no capacity at all (every upstream down)."""
+        if self.backend.load_info().get("max_concurrent", 1) <= 0:
+            return web.json_response({"status": "unavailable"}, status=503, headers=CORS)
         return web.json_response({"status": "ok"}, headers=CORS)
 
     # --- discovery -------------------------------------------------------------------------

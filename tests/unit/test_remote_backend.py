@@ -192,3 +192,27 @@ async def test_no_upstream_at_all_is_a_clear_refusal() -> None:
 
 def backend_at(url: str) -> RemoteBackend:
     return RemoteBackend([parse_upstream(url)], settings=RemoteSettings(timeout_seconds=1.0))
+
+
+async def test_a_call_when_every_upstream_is_down_checks_them_at_once(upstreams: list[FakeUpstream]) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from meshnode.http.requests import Limits
+    from meshnode.http.server import CodecHttpApp
+
+    (fake,) = await fakes(upstreams, {})
+    fake.healthy = False
+    remote = backend(fake)
+    async with asyncio.timeout(10), remote:
+        remote.pool.backoff_base = remote.pool.backoff_cap = 3600.0  # the loop would not look again soon
+        remote.pool.failed(remote.pool.upstreams[0], "still loading")
+        client = TestClient(TestServer(CodecHttpApp(remote, Limits()).make_app(), host="127.0.0.1"))
+        await client.start_server()
+        try:
+            assert (await client.get("/health")).status == 503  # no capacity: fronting nodes skip this one
+            fake.healthy = True
+            got = await chunks(await remote.start(CHAT, GREEDY))
+            assert got[-1].finish_reason == "stop"
+            assert (await client.get("/health")).status == 200
+        finally:
+            await client.close()

@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 DIALECTS: dict[str, Callable[[], Dialect]] = {"codec": CodecDialect, "vllm": VllmDialect, "sglang": SglangDialect,
                                                "llamacpp": LlamaCppDialect}
+MAP_WAIT_SECONDS = 120.0
+"""How long :meth:`RemoteBackend.codec_map` (a node starting) waits for an upstream to come up."""
 ABORT_TIMEOUT_SECONDS = 2.0
 """Bound on an extra abort request (SGLang ``/abort_request``) after a cancel."""
 MAX_ERROR_BODY_BYTES = 64 * 1024
@@ -123,14 +125,12 @@ class RemoteBackend:
             timeout=aiohttp.ClientTimeout(total=None, connect=timeout, sock_read=timeout),
             connector=aiohttp.TCPConnector(limit=0))  # the pool bounds the calls, not the connector
         await self.pool.check_all(self._session)
-        models = [u.model for u in self.pool.upstreams if u.model]
-        fallback = self.tokenizer.name if self.tokenizer is not None else "remote"
-        self._model_id = models[0] if models else fallback
-        if len(set(models)) > 1:
-            logger.warning("upstreams serve different models %s; advertising %s", sorted(set(models)), models[0])
+        models = sorted({u.model for u in self.pool.upstreams if u.model})
+        if len(models) > 1:
+            logger.warning("upstreams serve different models %s; advertising %s", models, self.model_id)
         try:
-            await self.codec_map()
-        except MeshError as exc:  # no upstream up yet: the map is fetched at the first call
+            await self._ensure_map(wait=0)
+        except MeshError as exc:  # no upstream up yet: codec_map() waits for one, a call tries once
             logger.warning("no Codec map yet: %s", exc)
         for upstream in self.pool.upstreams:
             state = "up" if upstream.usable else f"down ({upstream.last_error})"
@@ -160,6 +160,9 @@ class RemoteBackend:
 
     @property
     def model_id(self) -> str:
+        """The first upstream's ``/v1/models`` id, fixed once known (before: the tokenizer's name)."""
+        if self._model_id is None:
+            self._model_id = next((u.model for u in self.pool.upstreams if u.model), None)
         return self._model_id or (self.tokenizer.name if self.tokenizer is not None else "remote")
 
     def load_info(self) -> dict[str, int]:
@@ -177,10 +180,29 @@ class RemoteBackend:
         return self._detokenizer.render(ids, partial=False)
 
     async def codec_map(self) -> CodecMapInfo:
-        async with self._map_lock:
-            if self._map is None:
-                self._map = await self._load_map()
-            return self._map
+        """The map; while no upstream is up, waits (up to :data:`MAP_WAIT_SECONDS`) for one."""
+        return await self._ensure_map(wait=MAP_WAIT_SECONDS)
+
+    async def _ensure_map(self, *, wait: float) -> CodecMapInfo:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        told = False
+        while True:
+            async with self._map_lock:
+                if self._map is not None:
+                    return self._map
+                try:
+                    self._map = await self._load_map()
+                    return self._map
+                except MeshError as exc:
+                    failure = exc
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise failure
+            if not told:
+                logger.info("waiting up to %.0f s for an upstream to serve: %s", remaining, failure)
+                told = True
+            await self.pool.wait_healthy(remaining)
 
     async def _load_map(self) -> CodecMapInfo:
         assert self._session is not None, "open() first"
@@ -199,6 +221,9 @@ class RemoteBackend:
             return found
         if self.tokenizer is None:
             raise ModelError("no upstream served its Codec map: " + ("; ".join(errors) or "none is up"))
+        if self._model_id is None and self.model_id == self.tokenizer.name and not any(
+                u.usable for u in self.pool.upstreams):  # the map's family follows the model id: learn it first
+            raise ModelError("no upstream is up yet to name its model")
         info = self.tokenizer.model_info(self.model_id)
         data = await asyncio.to_thread(lambda: info.map_bytes)
         built = CodecMapInfo(map_id=info.map_id, map_hash=info.map_hash, data=data)
@@ -209,8 +234,11 @@ class RemoteBackend:
     async def start(self, prompt: Prompt, params: SamplingParams) -> TokenStream:
         if self._closed or self._session is None:
             raise AdmissionError("the remote backend is not open", field="upstream")
+        down = [u for u in self.pool.upstreams if not u.healthy and u.incompatible is None]
+        if len(down) == len(self.pool.upstreams):  # all down: look now rather than wait for the backoff
+            await self.pool.check_all(self._session, down)
         try:
-            await self.codec_map()
+            await self._ensure_map(wait=0)
         except MeshError as exc:
             raise AdmissionError(f"no upstream available: {exc}", field="upstream") from exc
         call = _Call(rid=f"meshnode-{uuid.uuid4().hex[:16]}", prompt=prompt, params=params)

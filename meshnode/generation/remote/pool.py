@@ -91,6 +91,7 @@ class Pool:
     backoff_cap: float = BACKOFF_CAP_SECONDS
     _turn: int = 0
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _passed: asyncio.Event = field(default_factory=asyncio.Event)
 
     # -- dispatch ----------------------------------------------------------------------------------
 
@@ -145,7 +146,18 @@ class Pool:
         upstream.next_check = self.clock() + upstream.backoff * (0.5 + self.jitter() / 2)
         self._wake.set()
 
-    def succeeded(self, upstream: Upstream) -> None:
+    async def wait_healthy(self, timeout: float) -> None:
+        """Wait (bounded) until a health check or a call next succeeds."""
+        self._passed.clear()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._passed.wait()
+        except TimeoutError:
+            pass  # the caller looks again and gives up past its own deadline
+
+    def succeeded(self, upstream: Upstream, *, announce: bool = True) -> None:
+        if announce:
+            self._passed.set()
         if not upstream.healthy:
             logger.info("upstream %s is healthy again", upstream.spec)
         upstream.healthy = True
@@ -165,10 +177,11 @@ class Pool:
         if isinstance(status, str) or status[0] != 200:
             self.failed(upstream, status if isinstance(status, str) else f"health check answered {status[0]}")
             return
-        self.succeeded(upstream)
+        self.succeeded(upstream, announce=False)
         if not upstream.discovered:
             upstream.discovered = True
             await self._discover(session, upstream)
+        self._passed.set()  # after discovery: a waiter may need the model id
 
     async def _discover(self, session: aiohttp.ClientSession, upstream: Upstream) -> None:
         models = await _get(session, upstream.url + "/v1/models")
