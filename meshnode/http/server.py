@@ -147,6 +147,9 @@ class CodecHttpApp:
             return _error(400, str(exc), exc.field)
         except AdmissionError as exc:
             busy = "busy" in str(exc).lower() or "queue" in str(exc).lower()
+            if not busy and exc.field == "upstream":  # a remote backend with no upstream to ask
+                self.metrics.request(endpoint, "503")
+                return _error(503, str(exc), exc.field, kind="service_unavailable_error")
             self.metrics.request(endpoint, "429" if busy else "400")
             return _error(429 if busy else 400, str(exc), exc.field,
                           kind="rate_limit_error" if busy else "invalid_request_error")

@@ -188,6 +188,18 @@ async def test_no_upstream_at_all_is_a_clear_refusal() -> None:
         with pytest.raises(AdmissionError, match="no upstream available") as refused:
             await remote.start(CHAT, GREEDY)
         assert refused.value.field == "upstream"
+        from aiohttp.test_utils import TestClient, TestServer
+
+        from meshnode.http.requests import Limits
+        from meshnode.http.server import CodecHttpApp
+
+        client = TestClient(TestServer(CodecHttpApp(remote, Limits()).make_app(), host="127.0.0.1"))
+        await client.start_server()
+        try:
+            answer = await client.post("/v1/completions", json={"prompt": "hi", "stream_format": "msgpack"})
+            assert answer.status == 503 and "no upstream available" in (await answer.json())["error"]["message"]
+        finally:
+            await client.close()
 
 
 def backend_at(url: str) -> RemoteBackend:
