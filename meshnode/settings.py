@@ -82,6 +82,19 @@ class EngineSettings:
     max_batch_tokens: int = 32768
     """Memory admission: prompt + max_tokens summed over running and queued requests; a request
     that would exceed it is refused as busy (0 = off). KV bytes ~ this x per-token KV size."""
+    upstreams: list[str] = field(default_factory=list)
+    """Remote engines to serve from instead of a local model (empty = the local model):
+    [codec|vllm|sglang|llamacpp+]http://HOST:PORT[?max_concurrent=N] (codec = a Codec HTTP server
+    such as meshnode serve-http; see docs/engines.md). Calls go to the one with the most free
+    capacity; max_concurrent (else what the server says, else engine.max_concurrent, else 8) is
+    its limit, and engine.max_queue more calls in all may wait in the upstreams' queues."""
+    tokenizer: str = ""
+    """Tokenizer for remote upstreams that serve no Codec map (vLLM, SGLang, llama.cpp): a Hugging
+    Face tokenizer folder or a tokenizer.json; it supplies the map, the text and the chat template
+    (SGLang, llama.cpp). With a Codec upstream it decodes the text and is the map if none is served."""
+    upstream_timeout_seconds: float = 30.0
+    """Bound on connecting to an upstream and on the wait between two reads of its stream; past it
+    the call fails over (before its first token) or ends with an error."""
 
 
 @dataclass(frozen=True, kw_only=True)

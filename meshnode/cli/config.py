@@ -11,7 +11,7 @@ import dataclasses
 import json
 import tomllib
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +209,7 @@ def _validate(settings: Settings, sources: dict[Key, str]) -> None:
                 ("limits", "ban_seconds")]:
         if getattr(getattr(settings, key[0]), key[1]) < 0:
             raise bad(key, "must not be negative (0 turns it off)")
+    _validate_upstreams(settings, sources, bad)
     limits = settings.limits
     if limits.max_message_bytes > limits.max_pending_bytes_per_peer:
         raise bad(("limits", "max_message_bytes"), "must not exceed limits.max_pending_bytes_per_peer")
@@ -216,6 +217,33 @@ def _validate(settings: Settings, sources: dict[Key, str]) -> None:
         raise bad(("room", "room"), "must not be empty")
     if not 0 < settings.http.port < 65536:
         raise bad(("http", "port"), "must be a TCP port")
+
+
+def _validate_upstreams(settings: Settings, sources: dict[Key, str], bad: Callable[[Key, str], ConfigError]) -> None:
+    """engine.upstreams parse, and no setting of the local model is given beside them (it would be ignored)."""
+    from meshnode.generation.remote.upstream import parse_upstream
+
+    engine = settings.engine
+    if engine.upstream_timeout_seconds <= 0:
+        raise bad(("engine", "upstream_timeout_seconds"), "must be positive")
+    if not engine.upstreams:
+        if engine.tokenizer:
+            raise bad(("engine", "tokenizer"), "is only used with engine.upstreams (--engine-url)")
+        return
+    for url in engine.upstreams:
+        try:
+            parse_upstream(url)
+        except ConfigError as exc:
+            raise bad(("engine", "upstreams"), str(exc)) from None
+    defaults = Settings()
+    local_only = [("model", "model"), ("model", "device"), ("model", "dtype"), ("model", "cache_dir"),
+                  ("engine", "max_prompt_tokens"), ("engine", "max_batch_tokens")]
+    for key in local_only:
+        value = getattr(getattr(settings, key[0]), key[1])
+        if (key == ("model", "model") and sources[key] != "default") or value != getattr(
+                getattr(defaults, key[0]), key[1]):
+            raise bad(key, f"is a setting of the local model, which engine.upstreams replace "
+                      f"(from {sources[('engine', 'upstreams')]}): give one or the other")
 
 
 def describe(settings: Settings, sources: dict[Key, str]) -> list[tuple[str, str, str]]:

@@ -27,6 +27,8 @@ FLAG_KEYS: dict[str, tuple[str, str]] = {
     "max_concurrent": ("engine", "max_concurrent"),
     "max_queue": ("engine", "max_queue"),
     "max_prompt_tokens": ("engine", "max_prompt_tokens"),
+    "engine_url": ("engine", "upstreams"),
+    "tokenizer": ("engine", "tokenizer"),
     "room": ("room", "room"),
     "app_id": ("room", "app_id"),
     "strategy": ("room", "strategy"),
@@ -65,6 +67,11 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
                        help="streams decoded together (default 0 = auto: 64 on the CUDA engine, 8 otherwise)")
     group.add_argument("--max-queue", type=int, metavar="N", help="requests that may wait for a slot")
     group.add_argument("--max-prompt-tokens", type=int, metavar="N", help="longest accepted prompt")
+    group.add_argument("--engine-url", action="append", metavar="URL",
+                       help="serve from a remote engine instead of a local model (repeat for several): "
+                            "[codec|vllm|sglang|llamacpp+]http://HOST:PORT[?max_concurrent=N]; see docs/engines.md")
+    group.add_argument("--tokenizer", metavar="PATH",
+                       help="tokenizer folder or tokenizer.json for --engine-url upstreams that serve no map")
 
 
 def _room_flags(parser: argparse.ArgumentParser, *, room_required: bool) -> None:
@@ -92,7 +99,7 @@ def _link_flags(parser: argparse.ArgumentParser) -> None:
                        help="upload budget for the streams, e.g. 50KB/s or 400kbit (default 0 = unlimited): "
                             "every stream is paced through it and new ones are refused when it is full")
     group.add_argument("--max-delay-ms", type=int, metavar="MS",
-                       help="with --uplink: longest an id waits for company in a frame (default 500)")
+                       help="with --uplink: longest an id waits for company in a frame (default 450)")
     group.add_argument("--max-connections", type=int, metavar="N",
                        help="WebRTC connections at once; further tabs are refused (default 64)")
 

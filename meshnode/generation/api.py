@@ -34,6 +34,8 @@ __all__ = [
     "TokenChunk",
     "TokenEngine",
     "TokenStream",
+    "UpstreamReporter",
+    "UpstreamStatus",
 ]
 
 FinishReason = Literal["stop", "length", "cancel", "error"]
@@ -147,10 +149,13 @@ class TokenChunk:
     """A piece of a token stream.
 
     ``finish_reason`` is set only on the last chunk of a stream (whose ``ids`` may be empty).
+    ``frame`` is the exact Codec frame an upstream sent for these ids (a pass-through backend,
+    :mod:`meshnode.generation.remote`); consumers that forward frames send these bytes unchanged.
     """
 
     ids: list[int]
     finish_reason: FinishReason | None = None
+    frame: bytes | None = None
 
 
 class TokenStream:
@@ -164,6 +169,10 @@ class TokenStream:
     The buffer holds at most ``buffer_chunks`` chunks; beyond that, new ids are merged into the
     last buffered chunk (overflow policy ``coalesce``), so a slow consumer never stalls the engine
     and never loses ids.
+
+    Chunks that carry an upstream's exact ``frame`` are never merged (their bytes must stay whole),
+    so a pass-through producer uses the overflow policy ``block`` instead: it awaits
+    :meth:`wait_room` before each :meth:`put`, and a slow consumer slows the upstream read.
 
     Engine implementations feed it with :meth:`put` from the stream's event-loop thread.
     """
@@ -208,8 +217,9 @@ class TokenStream:
         """Set when the final chunk has been handed to the stream (not necessarily consumed)."""
         self._loop = loop
         self._buffer_chunks = max(1, buffer_chunks)
-        self._chunks: deque[tuple[list[int], FinishReason | None]] = deque()
+        self._chunks: deque[tuple[list[int], FinishReason | None, bytes | None]] = deque()
         self._ready = asyncio.Event()
+        self._room = asyncio.Event()
         self._cancel_requested = threading.Event()
         self._on_cancel = on_cancel
         self._exhausted = False
@@ -223,6 +233,7 @@ class TokenStream:
         *,
         matched_stop: str | int | None = None,
         error: str | None = None,
+        frame: bytes | None = None,
     ) -> None:
         """Hand ids (and possibly the end of the stream) to the consumer.
 
@@ -233,17 +244,19 @@ class TokenStream:
             finish_reason: Set on the final chunk only.
             matched_stop: The stop string or id that ended the stream.
             error: Error description for ``finish_reason == "error"``.
+            frame: The upstream's exact frame bytes for these ids (never merged with others).
         """
         if self.finish_reason is not None:
             return
         self.completion_tokens += len(ids)
-        if self._chunks and len(self._chunks) >= self._buffer_chunks:
+        last_has_frame = bool(self._chunks) and self._chunks[-1][2] is not None
+        if frame is None and not last_has_frame and self._chunks and len(self._chunks) >= self._buffer_chunks:
             # Overflow policy "coalesce": merge into the newest buffered chunk.
-            last_ids, _ = self._chunks.pop()
+            last_ids, _, _ = self._chunks.pop()
             last_ids.extend(ids)
-            self._chunks.append((last_ids, finish_reason))
+            self._chunks.append((last_ids, finish_reason, None))
         else:
-            self._chunks.append((list(ids), finish_reason))
+            self._chunks.append((list(ids), finish_reason, frame))
         if finish_reason is not None:
             self.finish_reason = finish_reason
             self.matched_stop = matched_stop
@@ -251,6 +264,21 @@ class TokenStream:
             self.finished_at = time.perf_counter()
             self.finished.set()
         self._ready.set()
+
+    @property
+    def buffered(self) -> int:
+        """Chunks handed over but not consumed yet."""
+        return len(self._chunks)
+
+    async def wait_room(self) -> None:
+        """Wait until the buffer has room for one more chunk (overflow policy ``block``).
+
+        Returns at once when there is room, and also once the consumer left (:meth:`aclose`) or the
+        stream was cancelled, so a producer never waits on a consumer that is gone.
+        """
+        while len(self._chunks) >= self._buffer_chunks and not self._exhausted and not self.cancelled:
+            self._room.clear()
+            await self._room.wait()
 
     # -- consumer side -----------------------------------------------------------------------------
 
@@ -281,6 +309,7 @@ class TokenStream:
         """Cancel the request if it is still running; the stream yields nothing more."""
         self.cancel()
         self._exhausted = True
+        self._room.set()
 
     async def collect(self) -> list[int]:
         """Consume the whole stream and return all its ids."""
@@ -310,10 +339,11 @@ class TokenStream:
                 # The consumer went away: free the batch slot, then propagate.
                 self.cancel()
                 raise
-        ids, finish_reason = self._chunks.popleft()
+        ids, finish_reason, frame = self._chunks.popleft()
+        self._room.set()
         if finish_reason is not None:
             self._exhausted = True
-        return TokenChunk(ids, finish_reason)
+        return TokenChunk(ids, finish_reason, frame)
 
     async def __aenter__(self) -> Self:
         """Return the stream; leaving the block cancels it if it is still running."""
@@ -434,3 +464,27 @@ class Backend(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpstreamStatus:
+    """One remote upstream of a backend, as ``/metrics`` shows it."""
+
+    url: str
+    dialect: str
+    healthy: bool
+    active: int
+    """Calls streaming from it now."""
+    limit: int
+    """Calls it takes at once (configured, discovered, or the default)."""
+    requests: int
+    """Calls dispatched to it."""
+    failures: int
+    """Calls or health checks that failed on it (connection errors, timeouts, 5xx, bad bytes)."""
+
+
+@runtime_checkable
+class UpstreamReporter(Protocol):
+    """A backend that serves from remote upstreams and reports each one."""
+
+    def upstreams(self) -> list[UpstreamStatus]: ...

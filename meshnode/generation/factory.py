@@ -1,4 +1,4 @@
-"""open_backend: the configured model, loaded and served by the right local engine."""
+"""open_backend: the configured remote upstreams, or the configured model served by the right local engine."""
 
 from __future__ import annotations
 
@@ -9,13 +9,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from meshnode.generation.api import Backend
 from meshnode.generation.engine import Engine
 from meshnode.generation.local import LocalBackend
 from meshnode.generation.modelinfo import ModelInfo
+from meshnode.generation.remote.backend import RemoteBackend, RemoteSettings
+from meshnode.generation.remote.tokenizer import LocalTokenizer
+from meshnode.generation.remote.upstream import parse_upstream
 from meshnode.generation.text import HFText
 from meshnode.settings import EngineSettings, ModelSettings
 
-__all__ = ["AUTO_MAX_CONCURRENT", "AUTO_MAX_CONCURRENT_CUDA", "open_backend", "resolve_max_concurrent"]
+__all__ = ["AUTO_MAX_CONCURRENT", "AUTO_MAX_CONCURRENT_CUDA", "open_backend", "open_remote", "resolve_max_concurrent"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +58,13 @@ def build_engine(loaded: Any, engine: EngineSettings, *, progress: bool = True) 
 
 @contextlib.asynccontextmanager
 async def open_backend(model: ModelSettings, engine: EngineSettings, *, progress: bool = True
-                       ) -> AsyncIterator[LocalBackend]:
-    """Load the configured model (converting the embedded one on first use) and serve it."""
+                       ) -> AsyncIterator[Backend]:
+    """Serve the configured remote upstreams (engine.upstreams; no local model is loaded then), or
+    load the configured model (converting the embedded one on first use) and serve it."""
+    if engine.upstreams:
+        async with open_remote(engine) as remote:
+            yield remote
+        return
     from meshnode.generation.models import resolve_model  # noqa: PLC0415 - torch loads here
 
     loaded = await asyncio.to_thread(resolve_model, model.model, cache_dir=Path(model.cache_dir) if model.cache_dir
@@ -66,3 +75,14 @@ async def open_backend(model: ModelSettings, engine: EngineSettings, *, progress
         yield backend
     finally:
         await backend.close()
+
+
+@contextlib.asynccontextmanager
+async def open_remote(engine: EngineSettings) -> AsyncIterator[RemoteBackend]:
+    """The remote backend for engine.upstreams (and engine.tokenizer), opened and closed."""
+    specs = [parse_upstream(url) for url in engine.upstreams]
+    tokenizer = await asyncio.to_thread(LocalTokenizer, engine.tokenizer) if engine.tokenizer else None
+    settings = RemoteSettings(timeout_seconds=engine.upstream_timeout_seconds, max_queue=engine.max_queue,
+                              default_limit=engine.max_concurrent or AUTO_MAX_CONCURRENT)
+    async with RemoteBackend(specs, tokenizer=tokenizer, settings=settings) as backend:
+        yield backend

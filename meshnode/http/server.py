@@ -5,10 +5,17 @@ Routes (legion-mesh §2.6, §4.4):
   GET  /v1/models
   GET  /.well-known/codec/index.json, /.well-known/codec/maps/<id>.json
   GET  /metrics                                      Prometheus text format
+  GET  /health                                       200 {"status": "ok"}; 503 with no capacity (all upstreams down)
+
+A client that leaves mid-stream (disconnect, or its task cancelled) cancels the generation and is
+counted in ``meshnode_http_cancelled_total``. A ``Codec-Client-Version`` whose major is not the
+one this server speaks (0) is answered 426 with the spec's ``codec_version_required`` body. Chunks
+that carry an upstream's exact frame (a node fronting other Codec servers) are written unchanged.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -19,7 +26,7 @@ from typing import Any
 from aiohttp import web
 
 from meshnode.errors import AdmissionError
-from meshnode.generation.api import Backend, SamplingParams, TokenStream
+from meshnode.generation.api import Backend, SamplingParams, TokenStream, UpstreamReporter
 from meshnode.generation.modelinfo import map_index
 from meshnode.generation.text import IncrementalText
 from meshnode.http.metrics import Metrics
@@ -30,6 +37,11 @@ logger = logging.getLogger(__name__)
 
 _VERSION_RE = re.compile(r"^v?(\d+)\.(\d+)$")
 CORS = {"Access-Control-Allow-Origin": "*"}
+CODEC_MAJOR = 0
+"""The Codec major version this server speaks (0.2 to 0.4 behaviour, legion-mesh §2.6)."""
+MIN_CODEC_VERSION = "0.2"
+"""The oldest client version served (an absent header means 0.2)."""
+VERSION_DOCS_URL = "https://codecai.net/docs/version-negotiation/"
 
 
 def parse_client_version(header: str | None) -> tuple[int, int]:
@@ -49,6 +61,15 @@ def _error(status: int, message: str, field: str | None = None, kind: str = "inv
     return web.json_response(body, status=status, headers=CORS)
 
 
+def _version_required(header: str, version: tuple[int, int]) -> web.Response:
+    """426 for a client major this server does not speak (legion-mesh §2.6 426 body and headers)."""
+    body = {"error": "codec_version_required", "minimum_version": MIN_CODEC_VERSION, "required_features": [],
+            "client_version": header.strip(), "docs_url": VERSION_DOCS_URL,
+            "message": f"Codec-Client-Version {version[0]}.{version[1]} is not supported: this server speaks "
+                       f"Codec {CODEC_MAJOR}.x (0.2 to 0.4); send Codec-Client-Version: 0.4"}
+    return web.json_response(body, status=426, headers={**CORS, "Codec-Min-Version": MIN_CODEC_VERSION})
+
+
 class CodecHttpApp:
     """Builds the aiohttp application around a backend."""
 
@@ -65,7 +86,14 @@ class CodecHttpApp:
         app.router.add_get("/.well-known/codec/index.json", self.map_index)
         app.router.add_get(r"/.well-known/codec/maps/{map_id:.+}.json", self.map_document)
         app.router.add_get("/metrics", self.metrics_text)
+        app.router.add_get("/health", self.health)
         return app
+
+    async def health(self, request: web.Request) -> web.Response:
+        """200 while the backend can serve; 503 when it has no capacity at all (every upstream down)."""
+        if self.backend.load_info().get("max_concurrent", 1) <= 0:
+            return web.json_response({"status": "unavailable"}, status=503, headers=CORS)
+        return web.json_response({"status": "ok"}, headers=CORS)
 
     # --- discovery -------------------------------------------------------------------------
 
@@ -87,7 +115,9 @@ class CodecHttpApp:
 
     async def metrics_text(self, request: web.Request) -> web.Response:
         load = self.backend.load_info()
-        text = self.metrics.render(queue_depth=load.get("queued", 0), active=load.get("active", 0))
+        upstreams = self.backend.upstreams() if isinstance(self.backend, UpstreamReporter) else []
+        text = self.metrics.render(queue_depth=load.get("queued", 0), active=load.get("active", 0),
+                                   max_concurrent=load.get("max_concurrent", 0), upstreams=upstreams)
         return web.Response(text=text, content_type="text/plain", charset="utf-8",
                             headers={"X-Content-Type-Options": "nosniff"})
 
@@ -103,6 +133,9 @@ class CodecHttpApp:
         endpoint = "chat" if chat else "completions"
         try:
             version = parse_client_version(request.headers.get("Codec-Client-Version"))
+            if version[0] != CODEC_MAJOR:
+                self.metrics.request(endpoint, "426")
+                return _version_required(request.headers.get("Codec-Client-Version", ""), version)
             try:
                 body = await request.json()
             except (json.JSONDecodeError, UnicodeDecodeError):
@@ -114,6 +147,9 @@ class CodecHttpApp:
             return _error(400, str(exc), exc.field)
         except AdmissionError as exc:
             busy = "busy" in str(exc).lower() or "queue" in str(exc).lower()
+            if not busy and exc.field == "upstream":  # a remote backend with no upstream to ask
+                self.metrics.request(endpoint, "503")
+                return _error(503, str(exc), exc.field, kind="service_unavailable_error")
             self.metrics.request(endpoint, "429" if busy else "400")
             return _error(429 if busy else 400, str(exc), exc.field,
                           kind="rate_limit_error" if busy else "invalid_request_error")
@@ -127,6 +163,14 @@ class CodecHttpApp:
             if parsed.stream:
                 return await self._stream_sse(request, stream, parsed, chat, started)
             return await self._whole(stream, parsed, chat, started)
+        except (asyncio.CancelledError, ConnectionResetError):
+            # The client left mid-stream (aiohttp raises ConnectionResetError on the next write, or
+            # cancels the handler): stop generating, count it, and let aiohttp close the request.
+            if not stream.done:
+                self.metrics.cancelled(endpoint)
+                logger.info("client left %s after %d tokens: generation cancelled", endpoint,
+                            stream.completion_tokens)
+            raise
         finally:
             stream.cancel()
             self.metrics.request(endpoint, "200")
@@ -155,7 +199,9 @@ class CodecHttpApp:
                 self._observe_first(started, first)
                 self.metrics.tokens(len(chunk.ids))
             done = chunk.finish_reason is not None
-            if chunk.ids or done:
+            if chunk.frame is not None:  # an upstream's frame: forwarded byte for byte
+                await response.write(chunk.frame)
+            elif chunk.ids or done:
                 await response.write(encode_frame(CodecFrame(ids=list(chunk.ids), done=done,
                                                               finish_reason=chunk.finish_reason)))
         await response.write_eof()

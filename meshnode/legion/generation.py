@@ -2,7 +2,9 @@
 
 Each accepted call (``engine_run`` or ``/ai``) runs in its own task: the backend's stream is pumped
 into a queue, coalesced, and sent as Codec frames to the asker only (:mod:`.streaming`, or the link
-policy's sink when one is configured). An ``engine_run`` result follows once the stream ended. A
+policy's sink when one is configured). Frames a remote Codec upstream sent are forwarded byte for
+byte when there is no link policy (:func:`.streaming.coalesce` with ``verbatim``); a pacer re-packs
+their ids. An ``engine_run`` result follows once the stream ended. A
 call still generating at its deadline ends with ``finish_reason: "length"``, so the asker gets its
 result before it gives up. Cancelling (asker left, END envelope, shutdown) stops the generation
 within one engine step.
@@ -190,18 +192,21 @@ class Generations:
         deadline = self.settings.deadline_seconds
         try:
             async with asyncio.timeout(deadline if deadline > 0 else None):
-                async for batch, reason in coalesce(queue, max_ids, max_delay):
+                async for batch in coalesce(queue, max_ids, max_delay, verbatim=self.pacing is None):
                     now = self.clock()
-                    if batch:
+                    if batch.ids:
                         if outcome.first is None:
                             outcome.first = now
                             outcome.ttft_ms = int((now - call.started) * 1000)
                         outcome.last = now
-                        call.tokens += len(batch)
-                        self.meter.tokens(len(batch))
-                    outcome.ids.extend(batch)
-                    outcome.finish = reason
-                    await sender.send(batch, reason)
+                        call.tokens += len(batch.ids)
+                        self.meter.tokens(len(batch.ids))
+                    outcome.ids.extend(batch.ids)
+                    outcome.finish = batch.finish_reason
+                    if batch.frame is not None:
+                        await sender.send(batch.ids, batch.finish_reason, batch.frame)
+                    else:
+                        await sender.send(batch.ids, batch.finish_reason)
         except TimeoutError:  # the asker would give up soon: end here and send what there is
             logger.info("call %s from %s reached its %.0f s deadline after %d tokens", call.call_id, call.peer_id,
                         deadline, len(outcome.ids))
@@ -211,7 +216,8 @@ class Generations:
             if feeder is not None:
                 feeder.cancel()
         if outcome.finish == "error":  # the engine failed mid-stream (terminal error frame sent)
-            outcome.status, outcome.error = "error", "generation failed"
+            reason = getattr(stream, "error", None)  # e.g. a remote upstream's timeout or 5xx
+            outcome.status, outcome.error = "error", f"generation failed: {reason}" if reason else "generation failed"
 
     def _end(self, call: CallState, outcome: _Outcome) -> None:
         self.calls.pop((call.peer_id, call.call_id), None)

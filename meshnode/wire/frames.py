@@ -259,6 +259,7 @@ class StreamDecoder:
         self._fed_bytes = 0  # total bytes handed to the unpacker
         self._frame_start = 0  # stream offset where the current (incomplete) frame begins
         self._error: FrameError | None = None
+        self._raw: bytearray | None = None  # bytes since _frame_start, kept by feed_raw only
 
     @property
     def buffered_bytes(self) -> int:
@@ -283,8 +284,18 @@ class StreamDecoder:
             FrameError: Malformed data, a frame over ``max_buffer_size`` or ``max_ids_per_frame``,
                 a value that is not a frame, or an earlier error (the decoder is poisoned).
         """
+        return [frame for frame, _ in self._guarded(data, keep=False)]
+
+    def feed_raw(self, data: bytes | bytearray | memoryview) -> list[tuple[CodecFrame, bytes]]:
+        """Like :meth:`feed`, but also return each frame's exact bytes as they were on the stream
+        (for forwarding a frame unchanged). Use one of the two methods for a whole stream."""
+        return self._guarded(data, keep=True)
+
+    def _guarded(self, data: bytes | bytearray | memoryview, *, keep: bool) -> list[tuple[CodecFrame, bytes]]:
         if self._error is not None:
             raise FrameError(f"stream decoder is poisoned by an earlier error: {self._error}")
+        if keep and self._raw is None:
+            self._raw = bytearray()
         try:
             return self._feed(memoryview(data).cast("B"))
         except FrameError as exc:
@@ -294,14 +305,20 @@ class StreamDecoder:
             self._error = FrameError(f"malformed msgpack stream: {exc}")
             raise self._error from exc
 
-    def _feed(self, view: memoryview) -> list[CodecFrame]:
-        frames: list[CodecFrame] = []
+    def _feed(self, view: memoryview) -> list[tuple[CodecFrame, bytes]]:
+        frames: list[tuple[CodecFrame, bytes]] = []
         pos = 0
         while True:
             # Drain every complete value first, so what stays buffered is one partial frame.
             for obj in self._unpacker:
-                frames.append(frame_from_obj(obj, self._max_ids_per_frame))
-                self._frame_start = self._unpacker.tell()
+                end = self._unpacker.tell()
+                raw = b""
+                if self._raw is not None:
+                    size = end - self._frame_start
+                    raw = bytes(self._raw[:size])
+                    del self._raw[:size]
+                frames.append((frame_from_obj(obj, self._max_ids_per_frame), raw))
+                self._frame_start = end
             if pos >= len(view):
                 return frames
             room = self._max_buffer_size - self.buffered_bytes
@@ -313,5 +330,7 @@ class StreamDecoder:
             # max_buffer_size, so BufferFull never fires for a stream of small frames.
             step = min(len(view) - pos, room)
             self._unpacker.feed(view[pos : pos + step])
+            if self._raw is not None:
+                self._raw += view[pos : pos + step]
             pos += step
             self._fed_bytes += step

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -180,3 +181,33 @@ def test_relay_only_ice_needs_a_turn_server() -> None:
     settings, _ = load_settings(None, env={}, flags={("webrtc", "ice_transport_policy"): "relay",
                                                      ("webrtc", "ice_servers"): ["turn:u:p@127.0.0.1:3478"]})
     assert settings.webrtc.ice_transport_policy == "relay"
+
+
+# --- engine.upstreams (issue 16) -------------------------------------------------------------------
+
+
+def test_engine_urls_from_flags_env_and_file(tmp_path: Path) -> None:
+    from meshnode.cli.main import _flags, build_parser
+
+    args = build_parser().parse_args(["join", "--engine-url", "http://a:1", "--engine-url", "vllm+http://b:2",
+                                      "--tokenizer", "/tok"])
+    settings, sources = load_settings(None, env={}, flags=_flags(args))
+    assert settings.engine.upstreams == ["http://a:1", "vllm+http://b:2"] and settings.engine.tokenizer == "/tok"
+    assert sources[("engine", "upstreams")] == "flag"
+    settings, _ = load_settings(None, env={"MESHNODE_ENGINE__UPSTREAMS": "http://a:1,sglang+http://c:3"})
+    assert settings.engine.upstreams == ["http://a:1", "sglang+http://c:3"]
+    toml = tmp_path / "m.toml"
+    toml.write_text('[engine]\nupstreams = ["llamacpp+http://d:4?max_concurrent=2"]\n')
+    assert load_settings(toml, env={})[0].engine.upstreams == ["llamacpp+http://d:4?max_concurrent=2"]
+
+
+@pytest.mark.parametrize(("flags", "match"), [
+    ({("engine", "upstreams"): ["tgi+http://a:1"]}, "unknown dialect"),
+    ({("engine", "upstreams"): ["http://a:1"], ("model", "model"): "embedded"}, "model.model"),
+    ({("engine", "upstreams"): ["http://a:1"], ("model", "device"): "cuda"}, "model.device"),
+    ({("engine", "upstreams"): ["http://a:1"], ("engine", "max_batch_tokens"): 10}, "max_batch_tokens"),
+    ({("engine", "tokenizer"): "/tok"}, "only used with engine.upstreams"),
+])
+def test_settings_that_would_be_ignored_beside_upstreams_are_errors(flags: dict[Any, Any], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_settings(None, env={}, flags=flags)
