@@ -72,7 +72,7 @@ MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("node", hello=False, paced=True, process=True,
          description="a real `meshnode join --uplink` process in front of a Codec-HTTP upstream, plain tabs"),
 )}
-DEFAULT_MODES = ("json-sse", "codec", "unpaced", "meshnode")
+DEFAULT_MODES = ("json-sse", "codec", "unpaced", "meshnode", "node")
 
 
 class _PerTokenSink:

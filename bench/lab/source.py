@@ -21,7 +21,7 @@ from meshnode.errors import AdmissionError
 from meshnode.generation.api import CodecMapInfo
 from meshnode.generation.local import LocalBackend
 from meshnode.generation.modelinfo import ModelInfo
-from meshnode.wire.maps import map_sha256
+from meshnode.wire.maps import map_bytes, map_sha256
 
 if TYPE_CHECKING:
     from meshnode.generation.api import SamplingParams, TokenStream
@@ -188,8 +188,21 @@ class ReplayEngine:
             await asyncio.gather(self._ticker, return_exceptions=True)
 
 
-STAND_IN_MAP_BYTES = b"{}"
-"""Replayed ids need no detokenizing by the bench's tabs: a stand-in map document."""
+def replay_map(completion: Completion) -> bytes:
+    """A Codec map document for the replayed ids: each id renders as the text it added when the
+    completion was recorded (an identity map), so a node in front of a replaying upstream
+    detokenizes the answer like any other."""
+    vocab: dict[str, int] = {}
+    taken: set[int] = set()
+    for token_id, piece in zip(completion.ids, completion.pieces, strict=False):
+        if token_id in taken:
+            continue
+        key = piece
+        while key in vocab:  # one text per id: a repeated piece of another id gets a marker
+            key += "\u200b"
+        vocab[key] = token_id
+        taken.add(token_id)
+    return map_bytes({"version": "2", "id": "bench-replay", "vocab": vocab, "special_tokens": {}})
 
 
 class ReplayBackend(LocalBackend):
@@ -199,9 +212,10 @@ class ReplayBackend(LocalBackend):
     def __init__(self, completion: Completion, *, rate: float, tokens: int | None = None) -> None:
         engine = ReplayEngine(completion, rate=rate, tokens=tokens)
         super().__init__(engine, engine, ModelInfo(engine.model_id, None))  # type: ignore[arg-type]
+        self._replay_map = replay_map(completion)
 
     async def codec_map(self) -> CodecMapInfo:
-        return CodecMapInfo(map_id="bench-replay", map_hash=map_sha256(STAND_IN_MAP_BYTES), data=STAND_IN_MAP_BYTES)
+        return CodecMapInfo(map_id="bench-replay", map_hash=map_sha256(self._replay_map), data=self._replay_map)
 
 
 @dataclass
