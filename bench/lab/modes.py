@@ -150,7 +150,7 @@ class BaselinePolicy:
         sender = FrameSender(action, peer_id, stream_id=stream_id if negotiated else None, compression=compression)
         return _PerTokenSink(sender)
 
-    def shape(self, action: ActionLike, peers: Callable[[], Sequence[str]]) -> ActionLike:
+    def shape(self, action: ActionLike, peers: Callable[[], Sequence[str]], *, priority: int = 1) -> ActionLike:
         return action
 
     def connections_changed(self, count: int) -> None:

@@ -99,7 +99,7 @@ def _link_flags(parser: argparse.ArgumentParser) -> None:
                        help="upload budget for the streams, e.g. 50KB/s or 400kbit (default 0 = unlimited): "
                             "every stream is paced through it and new ones are refused when it is full")
     group.add_argument("--max-delay-ms", type=int, metavar="MS",
-                       help="with --uplink: longest an id waits for company in a frame (default 450)")
+                       help="with --uplink: longest an id waits for company in a frame (default 400)")
     group.add_argument("--max-connections", type=int, metavar="N",
                        help="WebRTC connections at once; further tabs are refused (default 64)")
 

@@ -116,12 +116,14 @@ class LegionService:
         # With a link policy, every message goes through its shaping (the uplink's ceiling).
         self._connected: set[str] = set()
         peers = lambda: sorted(self._connected)  # noqa: E731 - whom a shaped broadcast reaches
-        shape: Callable[[Any], Any] = ((lambda action: pacing.shape(action, peers)) if pacing is not None
-                                       else (lambda action: action))
-        self._cap = shape(room.make_action("cap"))
-        self._chat_action = shape(room.make_action("cm"))
-        self._frames = shape(room.make_action("cf"))
-        self._tools = shape(room.make_action("tc"))
+        def shape(action: Any, priority: int) -> Any:
+            return action if pacing is None else pacing.shape(action, peers, priority=priority)
+
+        # When the uplink is full: the streams' frames first, then results and refusals, caps last.
+        self._frames = shape(room.make_action("cf"), 0)
+        self._tools = shape(room.make_action("tc"), 1)
+        self._cap = shape(room.make_action("cap"), 2)
+        self._chat_action = shape(room.make_action("cm"), 2)
         self._tasks = TaskOwner("legion")
         self.outbox = Outbox(self._tasks)
         self.caller = ToolCaller(self._tools)

@@ -12,6 +12,8 @@ its uplink.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import json
 import math
 import time
@@ -40,8 +42,10 @@ def wire_bytes(payload: Any, costs: WireCosts) -> int:
 class ByteBucket:
     """Token bucket of bytes: ``rate()`` bytes/s, at most ``burst_seconds`` of it banked.
 
-    :meth:`spend` waits (first come, first served) until the bucket holds the bytes; a message
-    larger than the whole burst may take the bucket into debt rather than wait forever.
+    :meth:`spend` waits until the bucket holds the bytes. Waiting sends go in priority order, then
+    first come first served: the streams' frames (priority 0) never queue behind a burst of caps
+    and results (priority 1). A message larger than the whole burst may take the bucket into debt
+    rather than wait forever.
     """
 
     def __init__(self, rate: Callable[[], float], *, burst_seconds: float = 0.1,
@@ -51,10 +55,12 @@ class ByteBucket:
         self._clock = clock
         self._level = 0.0
         self._at = clock()
-        self._lock = asyncio.Lock()
+        self._waiters: list[tuple[int, int, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
+        self._pump: asyncio.Task[None] | None = None
         self.spent = 0
         self.waited_seconds = 0.0
-        """Time sends spent waiting for the bucket (how often the ceiling was reached)."""
+        """Time the bucket spent empty with sends waiting (how often the ceiling was reached)."""
 
     def _refill(self) -> float:
         now = self._clock()
@@ -63,17 +69,36 @@ class ByteBucket:
         self._at = now
         return rate
 
-    async def spend(self, count: int) -> None:
-        async with self._lock:
+    def _take(self, count: int, rate: float) -> bool:
+        if self._level < min(float(count), rate * self._burst_seconds):
+            return False
+        self._level -= count
+        self.spent += count
+        return True
+
+    async def spend(self, count: int, priority: int = 0) -> None:
+        if not self._waiters and self._take(count, self._refill()):
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (priority, next(self._order), count, waiter))
+        if self._pump is None or self._pump.done():
+            self._pump = asyncio.get_running_loop().create_task(self._serve(), name="link.bucket")
+        await waiter
+
+    async def _serve(self) -> None:
+        while self._waiters:
+            _, _, count, waiter = self._waiters[0]
+            if waiter.done():  # its sender was cancelled
+                heapq.heappop(self._waiters)
+                continue
             rate = self._refill()
-            need = min(float(count), rate * self._burst_seconds)
-            if self._level < need:
-                wait = (need - self._level) / rate
-                self.waited_seconds += wait
-                await asyncio.sleep(wait)
-                self._refill()
-            self._level -= count
-            self.spent += count
+            if self._take(count, rate):
+                heapq.heappop(self._waiters)
+                waiter.set_result(None)
+                continue
+            wait = (min(float(count), rate * self._burst_seconds) - self._level) / rate
+            self.waited_seconds += wait
+            await asyncio.sleep(wait)
 
 
 class ShapedAction:
@@ -84,17 +109,19 @@ class ShapedAction:
     seconds.
     """
 
-    def __init__(self, action: Any, bucket: ByteBucket, costs: WireCosts, peers: Callable[[], Sequence[str]]) -> None:
+    def __init__(self, action: Any, bucket: ByteBucket, costs: WireCosts, peers: Callable[[], Sequence[str]], *,
+                 priority: int = 0) -> None:
         self._action = action
         self._bucket = bucket
         self._costs = costs
         self._peers = peers
+        self._priority = priority
 
     async def send(self, payload: Any, target: str | list[str] | None = None) -> None:
         targets = [target] if isinstance(target, str) else list(target) if target is not None else list(self._peers())
         cost = wire_bytes(payload, self._costs)
         for peer in targets:
-            await self._bucket.spend(cost)
+            await self._bucket.spend(cost, self._priority)
             await self._action.send(payload, target=peer)
 
     def __getattr__(self, name: str) -> Any:  # receive(), name, …: the room action's own

@@ -43,6 +43,9 @@ class WireCosts:
     keepalive_bytes_per_second: float = 60.0
     """One idle connection's transport upkeep each way: ICE consent checks and their answers,
     SCTP heartbeats, TURN refreshes (sent by aiortc itself, outside the node's byte bucket)."""
+    result_text_bytes_per_token: float = 5.0
+    """The engine_run result repeats the answer's text for tabs that did not negotiate it away:
+    about 5 B per token of English as JSON (5.0 on the recorded SmolLM2 answer)."""
     cap_heartbeat_bytes_per_second: float = 55.0
     """One tab's share of the cap heartbeat: a 1.3 KB cap (1.6 KB on the wire) every 30 s."""
     connection_setup_bytes: int = 6000
@@ -92,6 +95,8 @@ class UnitLoad:
     mux: bool
     negotiated: bool
     compressed: bool
+    text_streams: int = 0
+    """How many of its streams end with a result that repeats the text."""
 
 
 def message_bytes(unit: UnitLoad, tokens: float, costs: WireCosts) -> float:
@@ -119,6 +124,7 @@ def predict(units: list[UnitLoad], window: float, rate: float, costs: WireCosts,
         size = message_bytes(unit, token_rate / per_second, costs)
         packets = math.ceil(size / SCTP_USER_DATA_BYTES)
         out += per_second * (size + packets * costs.packet_bytes)
+        out += unit.text_streams * rate * costs.result_text_bytes_per_token
         back += per_second * packets * costs.ack_bytes
         messages += per_second
     return out, back, messages

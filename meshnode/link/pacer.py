@@ -107,7 +107,7 @@ class _Unit:
 
     def load(self) -> UnitLoad:
         return UnitLoad(streams=len(self.slots), mux=self.mux, negotiated=self.negotiated,
-                         compressed=self.compressed)
+                        compressed=self.compressed)
 
     def ensure_running(self) -> None:
         if self.task is None or self.task.done():
@@ -245,6 +245,8 @@ class _Shape:
     mux: bool
     negotiated: bool
     compressed: bool
+    text: bool = True
+    """Its result repeats the answer's text (unless the HELLO said ``result_text: false``)."""
 
 
 class _PacedSink:
@@ -341,6 +343,7 @@ class Pacer:
             load = units.setdefault(key, UnitLoad(streams=0, mux=shape.mux, negotiated=shape.negotiated,
                                                    compressed=shape.compressed))
             load.streams += 1
+            load.text_streams += int(shape.text)
         return list(units.values())
 
     def rate(self) -> float:
@@ -376,10 +379,10 @@ class Pacer:
         upkeep = self._connections * self.config.costs.keepalive_bytes_per_second
         return max(0.5 * budget, CEILING_FRACTION * budget - upkeep)
 
-    def shape(self, action: ActionLike, peers: Callable[[], Sequence[str]]) -> ActionLike:
+    def shape(self, action: ActionLike, peers: Callable[[], Sequence[str]], *, priority: int = 1) -> ActionLike:
         if self.config.budget_bytes_per_second <= 0:
             return action
-        return ShapedAction(action, self.bucket, self.config.costs, peers)
+        return ShapedAction(action, self.bucket, self.config.costs, peers, priority=priority)
 
     def connections_changed(self, count: int) -> None:
         """The node holds `count` connections: each costs upkeep, a new one its setup bytes."""
@@ -514,7 +517,8 @@ class Pacer:
             return True
         room = 1 if not self._full else max(1, round(config.reopen_fraction * len(self._reserved)))
         loads = self._loads()  # plus `room` newcomers, each a plain tab on a peer of its own (the costly case)
-        loads.extend(UnitLoad(streams=1, mux=False, negotiated=False, compressed=False) for _ in range(room))
+        loads.extend(UnitLoad(streams=1, mux=False, negotiated=False, compressed=False, text_streams=1)
+                     for _ in range(room))
         self._full = not self._fits(loads, config.max_window_seconds, config.headroom)
         return not self._full
 
@@ -522,7 +526,8 @@ class Pacer:
         info = self._negotiated.get((peer_id, stream_id))
         if info is None:
             return _Shape(mux=False, negotiated=False, compressed=False)
-        return _Shape(mux=info.mux, negotiated=True, compressed=info.compression == "zstd")
+        return _Shape(mux=info.mux, negotiated=True, compressed=info.compression == "zstd",
+                      text=(peer_id, stream_id) not in self._no_text)
 
     def open_stream(self, action: ActionLike, peer_id: str, stream_id: str, *, negotiated: bool,
                     compression: str) -> StreamSink:

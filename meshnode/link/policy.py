@@ -50,10 +50,10 @@ class StreamPolicy(Protocol):
         """The sink for an admitted stream (`negotiated`: the asker sent a HELLO for it)."""
         ...
 
-    def shape(self, action: ActionLike, peers: Callable[[], Sequence[str]]) -> ActionLike:
+    def shape(self, action: ActionLike, peers: Callable[[], Sequence[str]], *, priority: int = 1) -> ActionLike:
         """The action the service sends on: `action` itself, or one that keeps the node within its
         uplink (every message of the service goes through it, not only the frames; `peers` lists
-        whom a broadcast reaches)."""
+        whom a broadcast reaches; when the uplink is full, lower `priority` goes first)."""
         ...
 
     def connections_changed(self, count: int) -> None:

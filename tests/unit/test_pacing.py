@@ -159,10 +159,11 @@ def test_connections_cost_budget_even_without_streams() -> None:
 
 async def test_a_steady_stream_sends_one_message_per_window() -> None:
     action = FakeAction()
-    pacer = Pacer(PacingConfig(budget_bytes_per_second=1_500, min_window_seconds=0.05, max_window_seconds=0.2))
+    pacer = Pacer(PacingConfig(budget_bytes_per_second=1_650, min_window_seconds=0.05, max_window_seconds=0.2))
     assert pacer.admit("tab", "s") is None
     sink = pacer.open_stream(action, "tab", "s", negotiated=False, compression="identity")
-    assert pacer.window == pytest.approx(0.2, abs=0.01)  # the small budget needs the widest window
+    assert pacer.window > 0.15  # the small budget needs a wide window
+    window = pacer.window
     loop = asyncio.get_running_loop()
     started = loop.time()
     async with asyncio.timeout(10):
@@ -175,7 +176,7 @@ async def test_a_steady_stream_sends_one_message_per_window() -> None:
     frames = [decode_cf_payload(payload) for payload, _ in action.sent]
     assert [i for f in frames for i in f.ids] == list(range(61))  # bare frames, every id once
     # One message per window (plus the first, sent at the short window), not one per window + a token.
-    assert len(frames) <= elapsed / 0.2 + 2
+    assert len(frames) <= elapsed / window + 2
 
 
 def test_the_node_paces_only_with_an_uplink() -> None:
@@ -240,3 +241,22 @@ async def test_the_bucket_holds_the_node_to_its_uplink_and_splits_broadcasts() -
     assert bucket.spent == spent
     assert elapsed >= (spent - 20_000 * 0.05) / 20_000 * 0.9  # never faster than the rate
     assert wire_bytes(payload, costs) == 900 + 103 + 97 and wire_bytes(b"y" * 1200, costs) == 1200 + 103 + 2 * 97
+
+
+async def test_frames_go_before_caps_and_results_waiting_for_the_bucket() -> None:
+    from meshnode.link.bucket import ByteBucket
+
+    bucket = ByteBucket(lambda: 10_000.0, burst_seconds=0.01)
+    order: list[str] = []
+
+    async def send(name: str, size: int, priority: int) -> None:
+        await bucket.spend(size, priority)
+        order.append(name)
+
+    async with asyncio.timeout(5):
+        await bucket.spend(100)  # empty the bucket
+        caps = [asyncio.ensure_future(send(f"cap{i}", 1600, 1)) for i in range(3)]
+        await asyncio.sleep(0)
+        frame = asyncio.ensure_future(send("frame", 250, 0))
+        await asyncio.gather(*caps, frame)
+    assert order.index("frame") <= 1  # at most the cap already being paid for goes first
