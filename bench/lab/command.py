@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="share of the streams whose tabs join the room during the trial (default 0.1)")
     group.add_argument("--tab-processes", type=int, default=2, metavar="K",
                        help="processes the tabs are spread over (default 2)")
+    group.add_argument("--idle-seconds", type=float, default=0.0, metavar="S",
+                       help="before each trial's streams, measure what the connected idle tabs cost the link "
+                            "(keep-alives, caps) for S seconds (default 0: skip)")
     group.add_argument("--node-config", type=Path, default=DEFAULT_NODE_CONFIG, metavar="FILE.toml",
                        help="the node's settings (meshnode join --config; default %(default)s); the bench adds "
                             "the lab's room and TURN relay and --uplink CAP")
@@ -77,7 +80,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         max_streams=args.max_streams, refine_steps=args.refine, overload=args.overload,
         fixed_streams=[int(n) for n in args.streams.split(",")] if args.streams else None,
         arrival_rate=args.arrival_rate, late_fraction=args.late_fraction, tab_processes=args.tab_processes,
-        node_config=args.node_config, completion=args.completion,
+        node_config=args.node_config, idle_seconds=args.idle_seconds, completion=args.completion,
         slo=ServiceLevel(min_rate=args.min_rate, max_p95_delay_seconds=args.max_p95_ms / 1000.0), workdir=workdir,
     )
 

@@ -81,6 +81,8 @@ class BenchConfig:
     """Share of the streams whose tabs join the room during the trial (connections while others stream)."""
     tab_processes: int = 2
     """Processes the tabs are spread over (pure-Python WebRTC costs the requester side CPU too)."""
+    idle_seconds: float = 0.0
+    """Before the streams start, measure the connected tabs' idle upkeep for this long (0: skip)."""
     node_config: Path = DEFAULT_NODE_CONFIG
     """The node's TOML settings (``meshnode join --config``); the bench adds room, ICE and --uplink."""
     start_streams: int = 6
@@ -374,6 +376,14 @@ class Bench:
             if connected < wanted:
                 raise BenchError(f"only {connected} of {wanted} tabs connected to the node")
             record["connect_s"] = round(time.monotonic() - started, 2)
+            if config.idle_seconds > 0:  # what connected, idle tabs cost the link (keep-alives, caps)
+                self.on_status(f"{mode}: N={streams} connected, measuring {config.idle_seconds:g} s idle")
+                idle_from = lab.counters()
+                await asyncio.sleep(config.idle_seconds)
+                idle = lab.counters() - idle_from
+                record["idle"] = {"seconds": round(idle.when, 2), "tabs": connected,
+                                  "up_bytes_per_s_per_tab": round(idle.up_bytes / idle.when / max(1, connected), 1),
+                                  "down_bytes_per_s_per_tab": round(idle.down_bytes / idle.when / max(1, connected), 1)}
             self.on_status(f"{mode}: N={streams} streaming")
             before = lab.counters()
             pids = [server.process.pid, *(t.process.pid for t in tabs)]
