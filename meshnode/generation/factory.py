@@ -38,22 +38,28 @@ def resolve_max_concurrent(configured: int, cuda_engine: bool) -> int:
 
 
 def build_engine(loaded: Any, engine: EngineSettings, *, progress: bool = True) -> Engine:
-    """The engine for a loaded model: the CUDA engine where it supports the model, else torch."""
-    from meshnode.generation.torch_backend import TorchEngine  # noqa: PLC0415 - torch loads here
+    """The engine for a loaded model: the slot engine where it supports the model (CUDA graphs on
+    a GPU; fp16-packed weights on an x86 CPU), else the torch engine (MPS, other architectures)."""
+    import torch  # noqa: PLC0415 - torch loads here
+
+    from meshnode.generation.torch_backend import TorchEngine  # noqa: PLC0415
 
     limits: dict[str, Any] = {"max_queue": engine.max_queue, "max_prompt_tokens": engine.max_prompt_tokens,
                               "max_tokens_limit": engine.max_tokens, "max_batch_tokens": engine.max_batch_tokens}
-    if loaded.device.type == "cuda":
+    cuda = loaded.device.type == "cuda"
+    if cuda or loaded.device.type == "cpu":
         from meshnode.generation.cuda.backend import CudaEngine  # noqa: PLC0415
-        from meshnode.generation.cuda.decoder import supports_model  # noqa: PLC0415
+        from meshnode.generation.cuda.decoder import fp16_packing_available, supports_model  # noqa: PLC0415
 
-        if supports_model(loaded.model) is None:
+        fast_cpu = fp16_packing_available(loaded.device) and next(loaded.model.parameters()).dtype == torch.float32
+        if supports_model(loaded.model) is None and (cuda or fast_cpu):
             # Its KV cache is preallocated per slot: admission is by free slot, not a token sum.
-            limits.update(max_batch_tokens=0, progress=progress,
-                          max_concurrent=resolve_max_concurrent(engine.max_concurrent, cuda_engine=True))
+            limits.update(max_batch_tokens=0, progress=progress, fp16_weights=not cuda,
+                          max_concurrent=resolve_max_concurrent(engine.max_concurrent, cuda_engine=cuda))
             return CudaEngine.from_loaded(loaded, **limits)
     limits["max_concurrent"] = resolve_max_concurrent(engine.max_concurrent, cuda_engine=False)
     return TorchEngine.from_loaded(loaded, **limits)
+
 
 
 @contextlib.asynccontextmanager

@@ -68,8 +68,11 @@ class CudaBatch:
     def __init__(self, model: Any, *, model_id: str = "local", slots: int = 256, max_prompt_tokens: int = 4096,
                  max_tokens_limit: int = 2048, prefill_budget_tokens: int = DEFAULT_CUDA_PREFILL_BUDGET_TOKENS,
                  name: str = "cuda-engine", use_graphs: bool | None = None, use_compile: bool | None = None,
-                 kv_memory_bytes: int | None = None, progress: bool = False) -> None:
-        """Raises: ModelError: the model is not supported or the cache cannot hold one request."""
+                 kv_memory_bytes: int | None = None, progress: bool = False, fp16_weights: bool = False) -> None:
+        """`fp16_weights`: on a CPU, keep the projections fp16-packed for fbgemm (the CPU fast
+        path; False: the model's own weights, exact).
+
+        Raises: ModelError: the model is not supported or the cache cannot hold one request."""
         reason = supports_model(model)
         if reason is not None:
             raise ModelError(f"{model_id}: {reason}")
@@ -98,6 +101,11 @@ class CudaBatch:
         """Positions per slot: every request's prompt + max_tokens must fit."""
         self.max_positions: int | None = max_len
         self.decoder = SlotDecoder(model, slots=int(slots), max_len=max_len)
+        self.fp16_weights = fp16_weights
+        """Projections as fbgemm fp16-packed weights (the CPU fast path)."""
+        if fp16_weights:
+            freed = self.decoder.pack_fp16(model)
+            logger.info("%s: fp16-packed weights for the CPU (%.0f MB of fp32 freed)", model_id, freed / 1e6)
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
         self.kv_cache_bytes = self.decoder.kv.numel() * self.decoder.kv.element_size()
         """Bytes of the preallocated KV cache."""
@@ -453,11 +461,12 @@ class CudaEngine(Engine):
                  max_queue: int = 1024, max_prompt_tokens: int = 4096, max_tokens_limit: int = 2048,
                  prefill_budget_tokens: int = DEFAULT_CUDA_PREFILL_BUDGET_TOKENS, name: str = "cuda-engine",
                  use_graphs: bool | None = None, use_compile: bool | None = None,
-                 kv_memory_bytes: int | None = None, progress: bool = False, **limits: Any) -> None:
+                 kv_memory_bytes: int | None = None, progress: bool = False, fp16_weights: bool = False,
+                 **limits: Any) -> None:
         self.batch = CudaBatch(model, model_id=model_id, slots=max_concurrent, max_prompt_tokens=max_prompt_tokens,
                                max_tokens_limit=max_tokens_limit, prefill_budget_tokens=prefill_budget_tokens,
                                name=name, use_graphs=use_graphs, use_compile=use_compile,
-                               kv_memory_bytes=kv_memory_bytes, progress=progress)
+                               kv_memory_bytes=kv_memory_bytes, progress=progress, fp16_weights=fp16_weights)
         super().__init__(self.batch, decode=None if tokenizer is None else HFText(tokenizer).decode, model_id=model_id,
                          max_concurrent=max_concurrent, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens,
                          max_tokens_limit=max_tokens_limit, prefill_budget_tokens=prefill_budget_tokens, name=name,

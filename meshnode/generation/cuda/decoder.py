@@ -99,16 +99,29 @@ def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class _Layer:
-    """One decoder layer's (fused) parameters."""
+    """One decoder layer's (fused) parameters; the projections are tensors, or fp16-packed
+    weights (see :meth:`SlotDecoder.pack_fp16`) whose bias is packed with them."""
 
     norm_in: torch.Tensor
-    qkv_weight: torch.Tensor
+    qkv_weight: Any
     qkv_bias: torch.Tensor | None
-    out_weight: torch.Tensor
+    out_weight: Any
     out_bias: torch.Tensor | None
     norm_mlp: torch.Tensor
-    gate_up_weight: torch.Tensor
-    down_weight: torch.Tensor
+    gate_up_weight: Any
+    down_weight: Any
+
+
+def _linear(x: torch.Tensor, weight: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias``: a dense tensor, or fbgemm fp16-packed weights (bias inside)."""
+    if isinstance(weight, torch.Tensor):
+        return F.linear(x, weight, bias)
+    return torch.ops.quantized.linear_dynamic_fp16(x, weight)  # type: ignore[no-any-return]
+
+
+def fp16_packing_available(device: torch.device) -> bool:
+    """fbgemm's fp16-weight GEMM exists here (x86 CPU builds of torch)."""
+    return device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
 
 
 def _fuse(modules: Sequence[Any], attribute: str) -> torch.Tensor | None:
@@ -165,6 +178,8 @@ class SlotDecoder:
         self.embed = inner.embed_tokens.weight
         self.final_norm = inner.norm.weight
         self.lm_head = model.lm_head.weight
+        self.head: Any = self.lm_head
+        """What the logits are computed with: ``lm_head``, or its fp16-packed copy."""
         self.vocab = int(self.lm_head.shape[0])
         self.device = self.embed.device
         self.dtype = self.embed.dtype
@@ -210,12 +225,12 @@ class SlotDecoder:
         qkv = (attention.q_proj, attention.k_proj, attention.v_proj)
         return _Layer(
             norm_in=layer.input_layernorm.weight,
-            qkv_weight=_fuse(qkv, "weight"),  # type: ignore[arg-type]
+            qkv_weight=_fuse(qkv, "weight"),
             qkv_bias=_fuse(qkv, "bias"),
             out_weight=attention.o_proj.weight,
             out_bias=attention.o_proj.bias,
             norm_mlp=layer.post_attention_layernorm.weight,
-            gate_up_weight=_fuse((mlp.gate_proj, mlp.up_proj), "weight"),  # type: ignore[arg-type]
+            gate_up_weight=_fuse((mlp.gate_proj, mlp.up_proj), "weight"),
             down_weight=mlp.down_proj.weight,
         )
 
@@ -256,7 +271,7 @@ class SlotDecoder:
         group = self.heads // self.kv_heads
         h = self.norm(x, self.layers[0].norm_in, self.eps)
         for index, layer in enumerate(self.layers):
-            qkv = F.linear(h, layer.qkv_weight, layer.qkv_bias)
+            qkv = _linear(h, layer.qkv_weight, layer.qkv_bias)
             q, kv = self.rope(qkv, cos, sin, self.heads, self.kv_heads)
             cache = self.kv[index]
             cache[rows, :, :, positions] = kv
@@ -266,15 +281,49 @@ class SlotDecoder:
             attended = F.scaled_dot_product_attention(
                 q.reshape(batch, self.kv_heads, group, self.head_dim), keys, values, attn_mask=mask
             )
-            out = F.linear(attended.reshape(batch, self.heads * self.head_dim), layer.out_weight, layer.out_bias)
+            out = _linear(attended.reshape(batch, self.heads * self.head_dim), layer.out_weight, layer.out_bias)
             x, h = self.add_norm(x, out, layer.norm_mlp, self.eps)
-            mlp = F.linear(self.silu_mul(F.linear(h, layer.gate_up_weight)), layer.down_weight)
+            mlp = _linear(self.silu_mul(_linear(h, layer.gate_up_weight)), layer.down_weight)
             following = (
                 self.layers[index + 1].norm_in if index + 1 < len(self.layers) else self.final_norm
             )
             x, h = self.add_norm(x, mlp, following, self.eps)
-        torch.mm(h, self.lm_head.t(), out=logits_out)
+        self._logits(h, logits_out)
         return logits_out
+
+    def _logits(self, h: torch.Tensor, out: torch.Tensor) -> None:
+        if isinstance(self.head, torch.Tensor):
+            torch.mm(h, self.head.t(), out=out)
+        else:
+            out.copy_(_linear(h, self.head))
+
+    def pack_fp16(self, model: Any) -> int:
+        """Keep the projections and the head as fp16 weights packed for fbgemm (CPU only).
+
+        On a CPU the decode step streams every weight from memory once per token: half the bytes
+        of fp32 is about twice the speed, and fbgemm's fp16 GEMM accumulates in fp32 (greedy
+        output stays close to fp32; docs/engines.md has the measured agreement). The model's own
+        projection weights are emptied, so their fp32 copies are freed: after this only the
+        decoder can run the model. Returns the bytes freed.
+        """
+        if not fp16_packing_available(self.device) or self.dtype != torch.float32:
+            raise ModelError("fp16 packed weights need a float32 model on an x86 CPU (fbgemm)")
+        pack = torch.ops.quantized.linear_prepack_fp16
+        freed = 0
+        with torch.no_grad():
+            self.layers = [_Layer(norm_in=layer.norm_in, qkv_weight=pack(layer.qkv_weight, layer.qkv_bias),
+                                  qkv_bias=None, out_weight=pack(layer.out_weight, layer.out_bias), out_bias=None,
+                                  norm_mlp=layer.norm_mlp, gate_up_weight=pack(layer.gate_up_weight, None),
+                                  down_weight=pack(layer.down_weight, None)) for layer in self.layers]
+            self.head = pack(self.lm_head, None)
+            for layer in model.model.layers:
+                for module in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                               layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                    freed += module.weight.numel() * module.weight.element_size()
+                    module.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+                    if module.bias is not None:
+                        module.bias = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+        return freed
 
     # -- prefill -----------------------------------------------------------------------------------
 
@@ -322,7 +371,7 @@ class SlotDecoder:
         slot_rows = slots[:, None].expand(count, width)
         h = _rms_norm(x, self.layers[0].norm_in, self.eps)
         for index, layer in enumerate(self.layers):
-            qkv = F.linear(h, layer.qkv_weight, layer.qkv_bias)
+            qkv = _linear(h, layer.qkv_weight, layer.qkv_bias)
             q, kv = _rope_split(qkv, cos, sin, self.heads, self.kv_heads)
             self.kv[index][slot_rows, :, :, positions] = kv
             # A first chunk attends to itself only: causal attention over its own keys (padding
@@ -336,7 +385,7 @@ class SlotDecoder:
             )
             x, h = self._prefill_tail(index, layer, x, attended, count, width)
         last = h[torch.arange(count, device=self.device), lengths - 1]
-        torch.mm(last, self.lm_head.t(), out=logits_out)
+        self._logits(last, logits_out)
         return logits_out
 
     def _prefill_tail(
@@ -344,9 +393,9 @@ class SlotDecoder:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Output projection, MLP and the next norm of one prefill layer."""
         attended = attended.transpose(1, 2).reshape(count, width, self.heads * self.head_dim)
-        out = F.linear(attended, layer.out_weight, layer.out_bias)
+        out = _linear(attended, layer.out_weight, layer.out_bias)
         x, h = _add_rms_norm(x, out, layer.norm_mlp, self.eps)
-        mlp = F.linear(_silu_mul(F.linear(h, layer.gate_up_weight)), layer.down_weight)
+        mlp = _linear(_silu_mul(_linear(h, layer.gate_up_weight)), layer.down_weight)
         following = self.layers[index + 1].norm_in if index + 1 < len(self.layers) else self.final_norm
         return _add_rms_norm(x, mlp, following, self.eps)
 
@@ -374,7 +423,7 @@ class SlotDecoder:
         slot_rows = slots[:, None].expand(count, width)
         h = _rms_norm(x, self.layers[0].norm_in, self.eps)
         for index, layer in enumerate(self.layers):
-            qkv = F.linear(h, layer.qkv_weight, layer.qkv_bias)
+            qkv = _linear(h, layer.qkv_weight, layer.qkv_bias)
             q, kv = _rope_split(qkv, cos, sin, self.heads, self.kv_heads)
             cache = self.kv[index]
             cache[slot_rows, :, :, positions] = kv
@@ -384,7 +433,7 @@ class SlotDecoder:
             )
             x, h = self._prefill_tail(index, layer, x, attended, count, width)
         last = h[torch.arange(count, device=device), length_t - 1]
-        return F.linear(last, self.lm_head)
+        return _linear(last, self.head)
 
     def move_row(self, source: int, target: int, used: int) -> None:
         """Copy the first ``used`` cached positions of row ``source`` into row ``target``."""
