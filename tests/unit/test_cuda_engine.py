@@ -272,7 +272,11 @@ def reference_model() -> LlamaForCausalLM:
 def test_engine_satisfies_protocol_and_reports_load(engine_model: Any) -> None:
     engine = make_engine(engine_model)
     assert isinstance(engine, TokenEngine)
-    assert engine.load_info() == {"active": 0, "queued": 0, "max_concurrent": 8, "max_queue": 16}
+    info = engine.load_info()
+    assert {k: info[k] for k in ("active", "queued", "max_concurrent", "max_queue")} == {
+        "active": 0, "queued": 0, "max_concurrent": 8, "max_queue": 16}
+    assert info["kv_slots"] == 8 and info["kv_positions"] == 128
+    assert "prefix_hits" not in info  # the prefix store is off on the CPU unless asked for
     assert engine.max_len == 128
     assert not engine.batch.use_graphs
 

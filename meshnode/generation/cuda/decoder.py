@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the usual alias
 
 from meshnode.errors import ModelError
+from meshnode.generation.cuda.hostcopy import to_device
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "SlotDecoder", "supports_model"]
 
@@ -95,6 +96,11 @@ def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up for a fused ``[..., 2 * intermediate]`` projection."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def _additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where ``visible``, -inf elsewhere, in the attention's dtype."""
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
 
 
 @dataclass(frozen=True)
@@ -251,8 +257,9 @@ class SlotDecoder:
         x = F.embedding(tokens, self.embed)
         cos = self.cos[positions][:, None, :]
         sin = self.sin[positions][:, None, :]
+        # One additive mask for every layer (SDPA would convert a boolean one in each call).
         columns = torch.arange(length, device=self.device)
-        mask = (columns[None, :] <= positions[:, None])[:, None, None, :]
+        mask = _additive_mask(columns[None, :] <= positions[:, None], self.dtype)[:, None, None, :]
         group = self.heads // self.kv_heads
         h = self.norm(x, self.layers[0].norm_in, self.eps)
         for index, layer in enumerate(self.layers):
@@ -281,7 +288,7 @@ class SlotDecoder:
     def prefill(
         self, tokens: torch.Tensor, slots: torch.Tensor, starts: Sequence[int], lengths: Sequence[int]
     ) -> torch.Tensor:
-        """Run prompt chunks of several rows, write their KV, return each row's last logits.
+        """Run prompt chunks of several rows, write their KV, return each row's last logits (eager).
 
         Args:
             tokens: ``[P, T]`` chunk ids, right-padded.
@@ -292,11 +299,12 @@ class SlotDecoder:
         Returns:
             ``[P, V]`` logits at each chunk's last valid token.
         """
-        length_t = torch.tensor(list(lengths), device=self.device)
+        length_t = to_device(list(lengths), self.device)
+        out = torch.empty(tokens.shape[0], self.vocab, device=self.device, dtype=self.dtype)
         if not any(starts):
-            out = torch.empty(tokens.shape[0], self.vocab, device=self.device, dtype=self.dtype)
             return self.prefill_fresh(tokens, slots, length_t, out)
-        return self._prefill_continued(tokens, slots, starts, lengths, length_t)
+        span = max(s + n for s, n in zip(starts, lengths, strict=True))
+        return self.prefill_cached(tokens, slots, to_device(list(starts), self.device), length_t, span, out)
 
     def prefill_fresh(
         self, tokens: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor, logits_out: torch.Tensor
@@ -350,27 +358,41 @@ class SlotDecoder:
         following = self.layers[index + 1].norm_in if index + 1 < len(self.layers) else self.final_norm
         return _add_rms_norm(x, mlp, following, self.eps)
 
-    def _prefill_continued(
+    def prefill_cached(
         self,
         tokens: torch.Tensor,
         slots: torch.Tensor,
-        starts: Sequence[int],
-        lengths: Sequence[int],
-        length_t: torch.Tensor,
+        starts: torch.Tensor,
+        lengths: torch.Tensor,
+        span: int,
+        logits_out: torch.Tensor,
     ) -> torch.Tensor:
-        """Later chunks of long prompts: attend to the cached prefix too (eager)."""
+        """Chunks that continue cached positions (a reused prefix, a long prompt's later chunks);
+        no host synchronisation, graph-capturable.
+
+        Args:
+            tokens: ``[P, T]`` ids, right-padded.
+            slots: ``[P]`` cache rows.
+            starts: ``[P]`` position of each chunk's first token (positions before it are cached).
+            lengths: ``[P]`` valid tokens per row; 0 = a padding row (writes its slot's scratch
+                column only; its logits are garbage).
+            span: Attention reads cache columns ``0..span-1``; at least every ``start + length``.
+            logits_out: ``[P, V]`` buffer for the logits at each row's last valid token.
+
+        Returns:
+            ``logits_out``.
+        """
         count, width = tokens.shape
         device = self.device
         offsets = torch.arange(width, device=device)
-        start_t = torch.tensor(list(starts), device=device)
-        valid = offsets[None, :] < length_t[:, None]
-        positions = torch.where(valid, start_t[:, None] + offsets[None, :], self.scratch)
+        valid = offsets[None, :] < lengths[:, None]
+        positions = torch.where(valid, starts[:, None] + offsets[None, :], self.scratch)
         x = F.embedding(tokens, self.embed)
         cos = self.cos[positions][:, :, None, :]
         sin = self.sin[positions][:, :, None, :]
-        span = max(s + n for s, n in zip(starts, lengths, strict=True))
         columns = torch.arange(span, device=device)
-        mask = (columns[None, None, :] <= positions[:, :, None])[:, None, :, :]
+        # Padding tokens sit at the scratch position, past every column: they see all (garbage, finite).
+        mask = _additive_mask(columns[None, None, :] <= positions[:, :, None], self.dtype)[:, None, :, :]
         slot_rows = slots[:, None].expand(count, width)
         h = _rms_norm(x, self.layers[0].norm_in, self.eps)
         for index, layer in enumerate(self.layers):
@@ -383,8 +405,9 @@ class SlotDecoder:
                 q.transpose(1, 2), window[:, 0], window[:, 1], attn_mask=mask, enable_gqa=True
             )
             x, h = self._prefill_tail(index, layer, x, attended, count, width)
-        last = h[torch.arange(count, device=device), length_t - 1]
-        return F.linear(last, self.lm_head)
+        last = h[torch.arange(count, device=device), lengths - 1]
+        torch.mm(last, self.lm_head.t(), out=logits_out)
+        return logits_out
 
     def move_row(self, source: int, target: int, used: int) -> None:
         """Copy the first ``used`` cached positions of row ``source`` into row ``target``."""
