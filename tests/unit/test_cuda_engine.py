@@ -11,12 +11,12 @@ pytest-asyncio is not installed (the GPU machine).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaForCausalLM
 
 from bench.lab.fakes import CharTokenizer
 from meshnode.errors import AdmissionError
@@ -26,19 +26,7 @@ from meshnode.generation.cuda.decoder import SlotDecoder, supports_model
 from meshnode.generation.cuda.sampler import sample_row_exact, sample_rows, sample_rows_exact, seed_key
 from meshnode.generation.engine import Engine
 from meshnode.generation.torch_backend import TorchEngine
-
-TIMEOUT_SECONDS = 60.0
-"""Bound for each engine test (a shared 2-core machine; normally a few seconds)."""
-HAS_CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-
-
-def run(coro: Coroutine[Any, Any, Any]) -> Any:
-    async def bounded() -> Any:
-        async with asyncio.timeout(TIMEOUT_SECONDS):
-            return await coro
-
-    return asyncio.run(bounded())
+from tests.cudakit import EagerGraph, hf_greedy, make_engine, needs_cuda, prompt, run, tiny_llama, tiny_qwen
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -47,72 +35,6 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def tiny_llama(seed: int = 0, device: str = "cpu") -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=4096,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        initializer_range=0.2,
-        max_position_embeddings=512,
-    )
-    return LlamaForCausalLM(config).to(device).eval()
-
-
-def tiny_qwen(seed: int = 1, device: str = "cpu") -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=4096,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-        initializer_range=0.2,
-        max_position_embeddings=512,
-    )
-    model = Qwen2ForCausalLM(config).eval()
-    with torch.no_grad():  # Qwen2 has q/k/v biases; make them matter
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.normal_(0, 0.2)
-    return model.to(device)
-
-
-def prompt(index: int, vocab: int = 4096) -> list[int]:
-    """Prompts of different lengths, so batches are ragged."""
-    return [(index * 7919 + j * 104729) % (vocab - 100) + 100 for j in range(3 + 2 * index)]
-
-
-def hf_greedy(model: Any, ids: list[int], count: int) -> list[int]:
-    with torch.inference_mode():
-        out = model.generate(
-            torch.tensor([ids], device=model.device),
-            max_new_tokens=count,
-            min_new_tokens=count,
-            do_sample=False,
-            pad_token_id=0,
-        )
-    return out[0, len(ids) :].tolist()
-
-
-def make_engine(model: Any, **kwargs: Any) -> CudaEngine:
-    options: dict[str, Any] = {
-        "model_id": "tiny",
-        "max_concurrent": 8,
-        "max_queue": 16,
-        "max_prompt_tokens": 64,
-        "max_tokens_limit": 64,
-    }
-    options.update(kwargs)
-    return CudaEngine(model, CharTokenizer(), **options)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -433,16 +355,6 @@ def test_compaction_keeps_outputs(engine_model: Any, reference_model: Any) -> No
             return list(await asyncio.gather(*(s.collect() for s in streams)))
 
     assert run(scenario()) == expected
-
-
-class EagerGraph:
-    """Stands in for a captured CUDA graph on the CPU: replay() runs the captured body."""
-
-    def __init__(self, body: Any, *shape: int) -> None:
-        self.body, self.shape = body, shape
-
-    def replay(self) -> None:
-        self.body(*self.shape)
 
 
 def test_graph_plumbing_with_eager_replays(engine_model: Any, reference_model: Any) -> None:
