@@ -423,6 +423,46 @@ def test_cuda_bf16_sampled_streams_are_reproducible() -> None:
     assert all(len(ids) == 24 for ids in alone)
 
 
+@needs_cuda
+@pytest.mark.parametrize("compiled", [False, True], ids=["graphs", "graphs+compile"])
+def test_cuda_prefix_reuse_equals_transformers_without_host_syncs(compiled: bool, tmp_path: Any) -> None:
+    """With the prefix store on, replayed first-chunk and continuing-chunk graphs give transformers'
+    greedy ids; once warm, serving makes no synchronising CUDA call (sync debug mode "error" turns
+    any into a failed request); the compile cache is written after a compiled warm-up."""
+    model = tiny_qwen(device="cuda")
+    reference = tiny_qwen(device="cuda")
+    shared = prompt(20)
+    prompts = [shared + prompt(i)[: 3 + i] for i in range(10)]
+    params = [SamplingParams(temperature=0.0, max_tokens=6 + 3 * i) for i in range(10)]
+    torch.backends.cuda.matmul.allow_tf32 = False
+    expected = [hf_greedy(reference, p, s.max_tokens) for p, s in zip(prompts, params, strict=True)]
+
+    async def scenario() -> list[list[int]]:
+        engine = make_engine(model, max_concurrent=8, use_compile=compiled, prefill_budget_tokens=32,
+                             prefix_cache_bytes=1 << 20, prefix_block_tokens=8,
+                             compile_cache=tmp_path if compiled else None)
+        async with engine:
+            await engine.wait_ready()
+            assert engine.batch.graphs.cached_graphs and engine.batch.use_compile == compiled
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                streams = [engine.generate(p, s) for p, s in zip(prompts[:5], params[:5], strict=True)]
+                firsts = [(await anext(streams[0])).ids] + [[] for _ in range(4)]
+                for p, s in zip(prompts[5:], params[5:], strict=True):  # arrivals while others decode
+                    streams.append(engine.generate(p, s))
+                    firsts.append((await anext(streams[-1])).ids)
+                rest = await asyncio.gather(*(stream.collect() for stream in streams))
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            assert all(stream.finish_reason == "length" for stream in streams), [s.error for s in streams]
+            assert engine.load_info()["prefix_hits"] >= 8
+        return [first + list(ids) for first, ids in zip(firsts, rest, strict=True)]
+
+    assert run(scenario()) == expected
+    if compiled:
+        assert list(tmp_path.glob("inductor-*.bin"))
+
+
 def test_torch_engine_is_unchanged_on_cpu(engine_model: Any) -> None:
     """The CPU path stays TorchEngine: both are Engines over their own backend, the CUDA one chosen
     only for CUDA devices."""

@@ -5,7 +5,10 @@ transformers module's parameters. q/k/v and gate/up projections are fused into o
 (the module's own weights become views of them, so no memory is duplicated and the transformers
 model stays usable). The cache is one tensor ``[layers, slots, 2, kv_heads, max_len + 1, head_dim]``;
 column ``max_len`` is a scratch column where idle slots "decode", so an idle row never touches a
-real position.
+real position. Three forwards share the weights: :meth:`SlotDecoder.decode` (one token per slot),
+:meth:`SlotDecoder.prefill_fresh` (first prompt chunks, attending to themselves) and
+:meth:`SlotDecoder.prefill_cached` (chunks after cached positions: a reused prefix, a long prompt's
+later chunks); all three are free of host synchronisation, so they can be captured in CUDA graphs.
 """
 
 from __future__ import annotations
@@ -391,8 +394,13 @@ class SlotDecoder:
         cos = self.cos[positions][:, :, None, :]
         sin = self.sin[positions][:, :, None, :]
         columns = torch.arange(span, device=device)
+        group = self.heads // self.kv_heads
+        # GQA by folding: a kv head's query heads x tokens become its query rows, so SDPA keeps a
+        # fused kernel (with enable_gqa and an explicit mask it would fall back to the math one).
         # Padding tokens sit at the scratch position, past every column: they see all (garbage, finite).
-        mask = _additive_mask(columns[None, None, :] <= positions[:, :, None], self.dtype)[:, None, :, :]
+        visible = columns[None, None, :] <= positions[:, :, None]
+        mask = _additive_mask(visible, self.dtype)[:, None, None].expand(count, 1, group, width, span)
+        mask = mask.reshape(count, 1, group * width, span)
         slot_rows = slots[:, None].expand(count, width)
         h = _rms_norm(x, self.layers[0].norm_in, self.eps)
         for index, layer in enumerate(self.layers):
@@ -401,9 +409,9 @@ class SlotDecoder:
             cache = self.kv[index]
             cache[slot_rows, :, :, positions] = kv
             window = cache.narrow(3, 0, span).index_select(0, slots)
-            attended = F.scaled_dot_product_attention(
-                q.transpose(1, 2), window[:, 0], window[:, 1], attn_mask=mask, enable_gqa=True
-            )
+            folded = q.transpose(1, 2).reshape(count, self.kv_heads, group * width, self.head_dim)
+            attended = F.scaled_dot_product_attention(folded, window[:, 0], window[:, 1], attn_mask=mask)
+            attended = attended.view(count, self.heads, width, self.head_dim)
             x, h = self._prefill_tail(index, layer, x, attended, count, width)
         last = h[torch.arange(count, device=device), lengths - 1]
         torch.mm(last, self.lm_head.t(), out=logits_out)

@@ -227,6 +227,7 @@ class DecodeGraphs:
                     for shape in family_shapes:
                         body(*shape)  # compiles on first use of a shape
                         bar.update()
+                self._warm_first_token_sampler()
             torch.cuda.current_stream(device).wait_stream(side)
             torch.cuda.synchronize(device)
             self.breakdown["first_runs_s"] = time.perf_counter() - started
@@ -244,6 +245,15 @@ class DecodeGraphs:
             self.state.clear_row(slot)
         self.state.apply()
         torch.cuda.synchronize(device)
+
+    def _warm_first_token_sampler(self) -> None:
+        """Run the sampler on inputs shaped like a prefill's first-token draw (contiguous parameter
+        vectors, one and several rows), so that serving never triggers a recompilation."""
+        device, candidates = self.decoder.device, min(SAMPLING_CANDIDATES, self.decoder.vocab)
+        for rows in (1, 2):
+            self.sampler(self._pf_logits[:rows], torch.zeros(rows, device=device), torch.zeros(rows, dtype=torch.long,
+                         device=device), torch.ones(rows, device=device), torch.zeros(rows, dtype=torch.long,
+                         device=device), torch.zeros(rows, dtype=torch.long, device=device), candidates)
 
     def calibrate(self, repeats: int = 5) -> None:
         """Time decode steps per batch bucket and one-row first chunks per width (captured graphs,
