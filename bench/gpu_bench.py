@@ -15,8 +15,8 @@ Phase 1, for each model in turn:
   arriving one by one, with the prefix cached (after one warming request) and uncached (every
   prefix different), idle and beside 32 decoding streams;
 * the engine's warm-up breakdown, its calibrated step and chunk times, a kernel profile of one
-  decode step (``--profile``), and a second start in a fresh process (``--warm-start``: what a
-  restart costs with torch.compile's artifacts kept).
+  decode step (``--profile``), and a second start in a fresh process (``--warm-start MODEL``: what
+  a restart costs with torch.compile's artifacts kept).
 
 Phase 2, for each model: the baselines of ``bench/gpu_baselines.py`` (generate eager b1, generate
 static+compile at fixed batches, generate_batch). The roofline is every weight read once per step
@@ -25,7 +25,7 @@ part, so a run cut short still leaves what it measured); each part is bounded by
 ``--budget-seconds`` (a part that would not finish in time is skipped and says so) and failures are
 recorded, not raised.
 
-    python3 bench/gpu_bench.py --models qwen0.5b --profile --warm-start --out $OUT/gpu_part1.json
+    python3 bench/gpu_bench.py --models qwen0.5b --profile --warm-start qwen0.5b --out $OUT/gpu_part1.json
     python3 bench/gpu_bench.py --models llama3-8b,qwen2.5-7b --out $OUT/gpu_part2.json
     python3 bench/gpu_bench.py --device cpu --models tiny --quick --out /tmp/gpu_dry.json   # CPU dry run
     python3 bench/gpu_plot.py $OUT/gpu_part1.json $OUT/gpu_part2.json --png bench/results/gpu_bench.png
@@ -70,10 +70,10 @@ BACKGROUND_STREAMS = 32
 WATCHDOG_GRACE_SECONDS = 45.0
 """How long past the budget a part may run before the process writes its results and exits."""
 ESTIMATE_SECONDS = {
-    # (small model, 7B/8B model): a part is skipped when it would end past the budget.
-    "ours": (150, 200), "warm_start": (50, 80), "generate_eager_b1": (30, 40),
-    "generate_static_compile_b1": (45, 60), "generate_static_compile_b64": (75, 90),
-    "generate_static_compile_b256": (25, 60), "generate_batch_64": (45, 70), "generate_batch_256": (50, 90),
+    # (small model, 7B/8B model) seconds: a part is skipped when it would end past the budget.
+    "ours": (120, 130), "warm_start": (45, 70), "generate_static_compile_b1": (35, 50),
+    "generate_static_compile_b64": (65, 80), "generate_static_compile_b256": (15, 60), "generate_eager_b1": (30, 25),
+    "generate_batch_64": (40, 70), "generate_batch_256": (45, 90),
 }
 
 log = logging.getLogger("gpu_bench")
@@ -529,7 +529,7 @@ def run_baselines(name: str, run: Run) -> None:
     part = run.result["models"].setdefault(name, {"shape": MODELS[name]})
     baselines: dict[str, Any] = part.setdefault("baselines", {})
     ours = part.get("ours", {})
-    if args.warm_start and isinstance(ours, dict) and "slots" in ours:
+    if name in args.warm_start.split(",") and isinstance(ours, dict) and "slots" in ours:
         run.guarded(f"{name} warm start", ours, "warm_start", _estimate(name, "warm_start"),
                     lambda: warm_start(name, run, int(ours["slots"])))
     vocab = MODELS[name]["vocab_size"]
@@ -571,7 +571,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prefix-requests", type=int, default=24)
     parser.add_argument("--prefix-cache-mib", type=int, default=-1,
                         help="the engine's prefix store; -1 = its default (8 GiB on CUDA; 64 MiB on a CPU dry run)")
-    parser.add_argument("--warm-start", action="store_true", help="time a second start in a fresh process")
+    parser.add_argument("--warm-start", default="", help="models (comma-separated) whose second start is timed "
+                        "in a fresh process, with the compile cache the first start left")
     parser.add_argument("--profile", action="store_true", help="kernel profile of one decode step (b1, b64)")
     parser.add_argument("--sampled", action="store_true", help="one extra 64-stream run with sampling")
     parser.add_argument("--no-baselines", action="store_true")
