@@ -157,9 +157,13 @@ def test_plan_splits_the_budget_between_prefix_and_slots() -> None:
 def test_budget_table_picks_the_widest_chunk_within_a_step() -> None:
     steps = {1: 1.0, 64: 2.0, 256: 4.0}
     chunks = {16: 0.3, 64: 0.7, 256: 1.4, 1024: 2.9, 4096: 11.0}
-    assert budget_table(steps, chunks, ratio=0.75) == {1: 64, 64: 256, 256: 1024}
-    assert budget_table({1: 0.1}, chunks, ratio=0.75) == {1: 16}  # never below the narrowest
+    assert budget_table(steps, chunks, ratio=0.75, slack=1.25) == {1: 64, 64: 256, 256: 1024}
+    assert budget_table({1: 0.1}, chunks, ratio=0.75, slack=1.25) == {1: 16}  # never below the narrowest
     assert budget_table(steps, {}) == {}
+    # A large model: every chunk pays a weight read (~one step), so the chunks as cheap as the
+    # cheapest one are allowed even though none fits 75 % of a step.
+    weight_bound = {16: 4.0, 64: 4.1, 128: 4.4, 256: 5.6, 1024: 20.0}
+    assert budget_table({1: 4.5, 64: 8.0}, weight_bound, ratio=0.75, slack=1.25) == {1: 128, 64: 256}
 
 
 def test_compile_cache_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

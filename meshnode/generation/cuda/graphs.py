@@ -94,6 +94,8 @@ class DecodeGraphs:
         self.cached_shapes = [(rows, width, span) for width in self.cached_widths for rows in self.cached_rows
                               if rows == 1 or rows * width <= CACHED_PREFILL_TOKENS
                               for span in self.length_buckets if span >= width]
+        self._fresh_pairs = set(self.prefill_shapes)
+        self._cached_pairs = {(rows, width) for rows, width, _ in self.cached_shapes}
         most_rows = max(self.prefill_rows[-1], self.cached_rows[-1])
         most_tokens = max([rows * width for rows, width in self.prefill_shapes]
                           + [rows * width for rows, width, _ in self.cached_shapes])
@@ -140,6 +142,16 @@ class DecodeGraphs:
         tokens = self._pf_tokens[: rows * width].view(rows, width)
         self.decoder.prefill_cached(tokens, self._pf_slots[:rows], self._pf_starts[:rows], self._pf_lengths[:rows],
                                     span, self._pf_logits[:rows])
+
+    def has_shape(self, fresh: bool, rows: int, width: int) -> bool:
+        """Whether a prefill graph family covers ``rows`` chunks of up to ``width`` tokens (bucketed;
+        a continuing chunk's span bucket always exists)."""
+        try:
+            if fresh:
+                return (bucket(self.prefill_rows, rows), bucket(self.prefill_widths, width)) in self._fresh_pairs
+            return (bucket(self.cached_rows, rows), bucket(self.cached_widths, width)) in self._cached_pairs
+        except ValueError:
+            return False
 
     # -- running -----------------------------------------------------------------------------------
 

@@ -27,14 +27,15 @@ from typing import Any
 import torch
 
 from meshnode.generation.cuda.decoder import SlotDecoder
-from meshnode.generation.cuda.graphs import CACHED_PREFILL_TOKENS, DecodeGraphs
+from meshnode.generation.cuda.graphs import DecodeGraphs
 from meshnode.generation.cuda.hostcopy import tensor_to_device, to_device
 from meshnode.generation.cuda.prefix import PrefixMatch, PrefixStore
 from meshnode.generation.cuda.sampler import SAMPLING_CANDIDATES
 from meshnode.generation.cuda.slots import FirstToken, Running, SlotState, bucket, may_overflow
 from meshnode.generation.engine import Engine
 
-__all__ = ["CHUNK_STEP_RATIO", "DEFAULT_CUDA_PREFILL_BUDGET_TOKENS", "IDLE_PREFILL_FACTOR", "Prefiller",
+__all__ = ["CHUNK_STEP_RATIO", "DEFAULT_CUDA_PREFILL_BUDGET_TOKENS", "IDLE_PREFILL_FACTOR", "MEMORY_BOUND_SLACK",
+           "Prefiller",
            "budget_table", "prefill_capacity"]
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,10 @@ DEFAULT_CUDA_PREFILL_BUDGET_TOKENS = 4096
 IDLE_PREFILL_FACTOR = 4
 """With no stream decoding, a prefill batch may be this many times the default (nobody is stalled)."""
 CHUNK_STEP_RATIO = 0.75
-"""A calibrated chunk costs at most this share of one decode step of the running batch."""
+"""A calibrated chunk costs at most this share of one decode step of the running batch..."""
+MEMORY_BOUND_SLACK = 1.25
+"""... or at most this times the narrowest chunk: while a chunk is bound by reading the weights
+(every chunk costs at least that), a wider one stalls the decode no longer and prefills more."""
 
 
 def prefill_capacity(budget: int | None) -> int:
@@ -52,25 +56,27 @@ def prefill_capacity(budget: int | None) -> int:
     return (budget or DEFAULT_CUDA_PREFILL_BUDGET_TOKENS) * IDLE_PREFILL_FACTOR
 
 
-def budget_table(step_ms: dict[int, float], prefill_ms: dict[int, float], ratio: float = CHUNK_STEP_RATIO
-                 ) -> dict[int, int]:
-    """Per decode batch bucket: the widest one-row chunk whose measured time fits ``ratio`` of a step.
+def budget_table(step_ms: dict[int, float], prefill_ms: dict[int, float], ratio: float = CHUNK_STEP_RATIO,
+                 slack: float = MEMORY_BOUND_SLACK) -> dict[int, int]:
+    """Per decode batch bucket: the widest one-row chunk whose measured time is within ``ratio`` of
+    a step, or within ``slack`` of the cheapest chunk (the weight-read floor every chunk pays).
 
     Args:
         step_ms: Decode step milliseconds by batch bucket.
         prefill_ms: One-row first-chunk milliseconds by width bucket.
         ratio: Share of a step a chunk may take.
+        slack: Allowed excess over the cheapest chunk.
 
     Returns:
         Tokens per batch bucket (at least the narrowest width, so prompts always progress).
     """
     if not prefill_ms:
         return {}
-    narrowest = min(prefill_ms)
+    narrowest, floor = min(prefill_ms), min(prefill_ms.values())
     table = {}
     for batch, step in step_ms.items():
-        fitting = [width for width, took in prefill_ms.items() if took <= ratio * step]
-        table[batch] = max(fitting, default=narrowest)
+        limit = max(ratio * step, slack * floor)
+        table[batch] = max((width for width, took in prefill_ms.items() if took <= limit), default=narrowest)
     return table
 
 
@@ -188,9 +194,9 @@ class Prefiller:
                 continue
             size = min(len(prompt) - start, budget)
             new_width = max(width, size)
-            limit = budget if fresh or not chosen else min(budget, CACHED_PREFILL_TOKENS)
-            most_rows = (self.graphs.prefill_rows if fresh else self.graphs.cached_rows)[-1]
-            if chosen and (new_width * (len(chosen) + 1) > limit or len(chosen) >= most_rows):
+            # More rows only while their padded batch is within budget and has a graph to replay.
+            if chosen and (new_width * (len(chosen) + 1) > budget
+                           or not self.graphs.has_shape(fresh, len(chosen) + 1, new_width)):
                 self._forget(match)
                 break
             if match is not None:
