@@ -67,7 +67,7 @@ PREFIX_TOKENS = 1024
 SUFFIX_TOKENS = 64
 BACKGROUND_STREAMS = 32
 """Streams decoding beside the prefix-TTFT requests in its loaded variant."""
-WATCHDOG_GRACE_SECONDS = 45.0
+WATCHDOG_GRACE_SECONDS = 30.0
 """How long past the budget a part may run before the process writes its results and exits."""
 ESTIMATE_SECONDS = {
     # (small model, 7B/8B model) seconds: a part is skipped when it would end past the budget.
@@ -636,8 +636,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         run_baselines(name, run)
     run.result["total_s"] = run.elapsed
+    run.result["acceptance"] = acceptance(run.result)
     run.checkpoint()
     print_table(run.result)
+    print("\n== issue 17 acceptance figures")
+    for name, entry in run.result["acceptance"].items():
+        print(f"   {name}: {_round(entry)}")
     if args.png and args.out:
         from bench.gpu_plot import plot
 
@@ -646,6 +650,34 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:
             log.exception("plot failed")
     return 0
+
+
+def acceptance(result: dict[str, Any]) -> dict[str, Any]:
+    """Issue 17's acceptance figures, read off the results (None where a part did not run)."""
+    out: dict[str, Any] = {}
+    for name, part in result.get("models", {}).items():
+        ours, roof = part.get("ours", {}), part.get("roofline", {}).get("batch1_tok_s")
+        runs = {(r.get("mode"), r.get("streams_target")): r for r in ours.get("runs", []) if "aggregate_tok_s" in r}
+        b1, p64, b64, p256 = (runs.get(("burst", 1)), runs.get(("poisson", 64)), runs.get(("burst", 64)),
+                              runs.get(("poisson", 256)))
+        entry: dict[str, Any] = {
+            "b1_share_of_roofline": b1["aggregate_tok_s"] / roof if b1 and roof else None,
+            "burst64_tok_s": b64["aggregate_tok_s"] if b64 else None,
+            "steady64_tok_s": p64.get("steady_tok_s") if p64 else None,
+            "steady64_itl_p95_over_p50": (p64["steady_inter_token_p95_ms"] / p64["steady_inter_token_p50_ms"]
+                                          if p64 and p64.get("steady_inter_token_p50_ms") else None),
+            "steady256_tok_s": p256.get("steady_tok_s") if p256 else None,
+        }
+        prefix = ours.get("prefix_ttft") or {}
+        if "cached" in prefix:
+            entry["prefix1k_ttft_p50_ms_cached"] = prefix["cached"]["ttft_p50_ms"]
+            entry["prefix1k_ttft_p50_ms_uncached"] = prefix["uncached"]["ttft_p50_ms"]
+        warm = ours.get("warm_start") or {}
+        if "warmup_breakdown" in warm:
+            entry["warm_start_capture_s"] = sum(v for k, v in warm["warmup_breakdown"].items() if k.startswith("capture"))
+            entry["warm_start_warmup_s"] = warm.get("warmup_s")
+        out[name] = entry
+    return out
 
 
 def print_table(result: dict[str, Any]) -> None:
