@@ -22,8 +22,9 @@ engine. How the loop is built for one GPU and many concurrent streams:
   at most one bounded chunk and never drains the pipeline.
 * **Pipelined steps.** Step k+1 is launched before the ids of step k are processed, so stop
   handling, detokenizing and delivery overlap the GPU. Rows that finish at step k simply have their
-  step-k+1 result ignored; a row resampled on the host is rolled back one step. The only waits on
-  the device are for the step whose ids are processed next.
+  step-k+1 result ignored; a row resampled on the host is rolled back one step. The host waits on
+  the device only for the step whose ids it processes next (and for the exact resample of a row
+  whose top-p nucleus outgrew the sampler's candidates, which reads logits back).
 
 Warm-up (compilation, graph capture, calibration) runs once when the worker starts, with a progress
 bar; requests queue meanwhile (:meth:`CudaEngine.wait_ready`). torch.compile's artifacts are kept
