@@ -18,8 +18,8 @@ Phase 1, for each model in turn:
   decode step (``--profile``), and a second start in a fresh process (``--warm-start MODEL``: what
   a restart costs with torch.compile's artifacts kept).
 
-Phase 2, for each model: the baselines of ``bench/gpu_baselines.py`` (generate eager b1, generate
-static+compile at fixed batches, generate_batch). The roofline is every weight read once per step
+Phase 2, for each model: the baselines of ``bench/gpu_baselines.py`` (generate static+compile at
+fixed batches, generate eager b1; then, for each model again, generate_batch, the slowest). The roofline is every weight read once per step
 at the measured device-to-device copy bandwidth. Results go to ``--out`` (rewritten after every
 part, so a run cut short still leaves what it measured); each part is bounded by
 ``--budget-seconds`` (a part that would not finish in time is skipped and says so) and failures are
@@ -524,27 +524,35 @@ def run_ours(name: str, run: Run) -> None:
     _cuda_free()
 
 
-def run_baselines(name: str, run: Run) -> None:
+def run_baselines(name: str, run: Run, *, primary: bool) -> None:
+    """transformers' paths for one model: the primary pass runs the fixed-batch ones (static+compile,
+    eager) and the warm start; the secondary pass runs generate_batch (slow, so it goes last)."""
     args = run.args
     part = run.result["models"].setdefault(name, {"shape": MODELS[name]})
     baselines: dict[str, Any] = part.setdefault("baselines", {})
     ours = part.get("ours", {})
-    if name in args.warm_start.split(",") and isinstance(ours, dict) and "slots" in ours:
+    if primary and name in args.warm_start.split(",") and isinstance(ours, dict) and "slots" in ours:
         run.guarded(f"{name} warm start", ours, "warm_start", _estimate(name, "warm_start"),
                     lambda: warm_start(name, run, int(ours["slots"])))
     vocab = MODELS[name]["vocab_size"]
-    wanted = []
-    for batch in [int(b) for b in args.static_batches.split(",") if b]:
-        wanted.append((f"generate_static_compile_b{batch}", lambda m, b=batch: gpu_baselines.bench_generate(
-            m, vocab, b, static=True, prompt_tokens=PROMPT_TOKENS, new_tokens=NEW_TOKENS, device=args.device)))
-    if args.eager:
-        wanted.append(("generate_eager_b1", lambda m: gpu_baselines.bench_generate(
-            m, vocab, 1, static=False, prompt_tokens=PROMPT_TOKENS, new_tokens=args.eager_tokens,
-            device=args.device, repeats=1)))
-    for requests in [int(r) for r in args.batch_requests.split(",") if r]:
-        wanted.append((f"generate_batch_{requests}", lambda m, r=requests: gpu_baselines.bench_generate_batch(
-            m, vocab, r, prompt_tokens=PROMPT_TOKENS, new_tokens=NEW_TOKENS, device=args.device)))
-    if not wanted:
+    wanted: list[tuple[str, Callable[[Any], dict[str, Any]]]] = []
+    if primary:
+        for batch in [int(b) for b in args.static_batches.split(",") if b]:
+            wanted.append((f"generate_static_compile_b{batch}", lambda m, b=batch: gpu_baselines.bench_generate(
+                m, vocab, b, static=True, prompt_tokens=PROMPT_TOKENS, new_tokens=NEW_TOKENS, device=args.device)))
+        if args.eager:
+            wanted.append(("generate_eager_b1", lambda m: gpu_baselines.bench_generate(
+                m, vocab, 1, static=False, prompt_tokens=PROMPT_TOKENS, new_tokens=args.eager_tokens,
+                device=args.device, repeats=1)))
+    else:
+        for requests in [int(r) for r in args.batch_requests.split(",") if r]:
+            wanted.append((f"generate_batch_{requests}", lambda m, r=requests: gpu_baselines.bench_generate_batch(
+                m, vocab, r, prompt_tokens=PROMPT_TOKENS, new_tokens=NEW_TOKENS, device=args.device)))
+    # Build the model only when the first of these parts still fits the budget.
+    if not wanted or run.elapsed + _estimate(name, wanted[0][0]) > args.budget_seconds:
+        for key, _ in wanted:
+            baselines.setdefault(key, {"skipped": f"time budget at {run.elapsed:.0f} s"})
+        run.checkpoint()
         return
     model = build_model(name, args.device)
     for key, fn in wanted:
@@ -633,8 +641,9 @@ def main(argv: list[str] | None = None) -> int:
     names = args.models.split(",")
     for name in names:
         run_ours(name, run)
-    for name in names:
-        run_baselines(name, run)
+    for primary in (True, False):
+        for name in names:
+            run_baselines(name, run, primary=primary)
     run.result["total_s"] = run.elapsed
     run.result["acceptance"] = acceptance(run.result)
     run.checkpoint()

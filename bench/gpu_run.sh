@@ -43,13 +43,13 @@ bench() {  # bench NAME ARGS...: the bench with what is left of the limit as its
 case $part in
   1)
     echo "== CUDA-only unit tests (and the CPU ones beside them)"
-    timeout --kill-after=10 150 python3 -m pytest -q -p no:cacheprovider --noconftest \
+    timeout --kill-after=10 180 python3 -m pytest -q -p no:cacheprovider --noconftest \
       -W ignore::pytest.PytestConfigWarning -o timeout=120 \
       tests/unit/test_cuda_engine.py tests/unit/test_prefix_cache.py 2>&1 | tee "$OUT/pytest_part1.log"
     bench part1 --models qwen0.5b --profile --sampled --warm-start qwen0.5b
     ;;
   2)
-    bench part2 --models llama3-8b,qwen2.5-7b --static-batches 1,64 --batch-requests 64
+    bench part2 --models llama3-8b,qwen2.5-7b --static-batches 1,64 --batch-requests 64 --warm-start llama3-8b
     ;;
   *)
     echo "part must be 1 or 2" >&2; exit 2
