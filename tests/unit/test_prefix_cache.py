@@ -330,3 +330,28 @@ def test_long_prompt_in_chunks_with_the_store(engine_model: Any, reference_model
             return got
 
     assert run(scenario(cached_engine(engine_model, prefill_budget_tokens=16))) == expected
+
+
+def test_build_engine_passes_the_cuda_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """engine.context_tokens / prefill_budget_tokens / prefix_cache_mib / compile_cache reach the
+    CUDA engine; the CPU engine gets none of them (its path is unchanged)."""
+    from types import SimpleNamespace
+
+    from meshnode.generation import factory
+    from meshnode.generation.cuda.backend import CudaEngine
+    from meshnode.generation.torch_backend import TorchEngine
+    from meshnode.settings import EngineSettings
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(CudaEngine, "from_loaded", classmethod(lambda cls, loaded, **limits: seen.update(limits)))
+    model = tiny_llama()
+    loaded = SimpleNamespace(device=torch.device("cuda"), model=model)
+    settings = EngineSettings(context_tokens=4096, prefix_cache_mib=16, prefill_budget_tokens=0)
+    factory.build_engine(loaded, settings, progress=False, cache_dir=tmp_path)
+    assert seen["context_tokens"] == 4096 and seen["prefix_cache_bytes"] == 16 << 20
+    assert seen["prefill_budget_tokens"] is None  # 0 = measured at warm-up
+    assert seen["compile_cache"] == tmp_path / "compile" and seen["max_batch_tokens"] == 0
+    seen.clear()
+    monkeypatch.setattr(TorchEngine, "from_loaded", classmethod(lambda cls, loaded, **limits: seen.update(limits)))
+    factory.build_engine(SimpleNamespace(device=torch.device("cpu"), model=model), settings, progress=False)
+    assert set(seen) == {"max_queue", "max_prompt_tokens", "max_tokens_limit", "max_batch_tokens", "max_concurrent"}
