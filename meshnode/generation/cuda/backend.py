@@ -230,7 +230,11 @@ class CudaBatch:
                 for captured in (graphs.graphs, graphs.prefill_graphs, graphs.cached_graphs):
                     captured.clear()
                 graphs.capture_all(progress=self._progress)
-            self.prefiller.calibrate()
+            try:
+                self.prefiller.calibrate()
+            except Exception:
+                # Only the chunk budget depends on it: serve with the default one rather than not at all.
+                logger.exception("%s: prefill calibration failed; default chunk budget", self.name)
         if cache is not None and self.use_compile:
             mark = time.perf_counter()
             cache.save()
