@@ -355,3 +355,14 @@ def test_build_engine_passes_the_cuda_settings(monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.setattr(TorchEngine, "from_loaded", classmethod(lambda cls, loaded, **limits: seen.update(limits)))
     factory.build_engine(SimpleNamespace(device=torch.device("cpu"), model=model), settings, progress=False)
     assert set(seen) == {"max_queue", "max_prompt_tokens", "max_tokens_limit", "max_batch_tokens", "max_concurrent"}
+
+
+def test_prefill_budget_follows_the_running_batch(engine_model: Any) -> None:
+    prefiller = make_engine(engine_model).batch.prefiller
+    assert prefiller.budget(0) == prefiller.capacity == 4 * 4096  # nothing decodes: nobody waits
+    assert prefiller.budget(3) == 4096  # not calibrated (no GPU): the default
+    prefiller.budgets = {1: 64, 8: 256}
+    assert (prefiller.budget(1), prefiller.budget(3), prefiller.budget(8)) == (64, 256, 256)
+    fixed = make_engine(engine_model, prefill_budget_tokens=32).batch.prefiller
+    fixed.budgets = {1: 64}
+    assert (fixed.budget(0), fixed.budget(5)) == (128, 32)  # a configured budget wins
