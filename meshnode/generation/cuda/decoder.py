@@ -5,7 +5,10 @@ transformers module's parameters. q/k/v and gate/up projections are fused into o
 (the module's own weights become views of them, so no memory is duplicated and the transformers
 model stays usable). The cache is one tensor ``[layers, slots, 2, kv_heads, max_len + 1, head_dim]``;
 column ``max_len`` is a scratch column where idle slots "decode", so an idle row never touches a
-real position.
+real position. Three forwards share the weights: :meth:`SlotDecoder.decode` (one token per slot),
+:meth:`SlotDecoder.prefill_fresh` (first prompt chunks, attending to themselves) and
+:meth:`SlotDecoder.prefill_cached` (chunks after cached positions: a reused prefix, a long prompt's
+later chunks); all three are free of host synchronisation, so they can be captured in CUDA graphs.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the usual alias
 
 from meshnode.errors import ModelError
+from meshnode.generation.cuda.hostcopy import to_device
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "SlotDecoder", "supports_model"]
 
@@ -95,6 +99,11 @@ def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up for a fused ``[..., 2 * intermediate]`` projection."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def _additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where ``visible``, -inf elsewhere, in the attention's dtype."""
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
 
 
 @dataclass(frozen=True)
@@ -266,8 +275,9 @@ class SlotDecoder:
         x = F.embedding(tokens, self.embed)
         cos = self.cos[positions][:, None, :]
         sin = self.sin[positions][:, None, :]
+        # One additive mask for every layer (SDPA would convert a boolean one in each call).
         columns = torch.arange(length, device=self.device)
-        mask = (columns[None, :] <= positions[:, None])[:, None, None, :]
+        mask = _additive_mask(columns[None, :] <= positions[:, None], self.dtype)[:, None, None, :]
         group = self.heads // self.kv_heads
         h = self.norm(x, self.layers[0].norm_in, self.eps)
         for index, layer in enumerate(self.layers):
@@ -330,7 +340,7 @@ class SlotDecoder:
     def prefill(
         self, tokens: torch.Tensor, slots: torch.Tensor, starts: Sequence[int], lengths: Sequence[int]
     ) -> torch.Tensor:
-        """Run prompt chunks of several rows, write their KV, return each row's last logits.
+        """Run prompt chunks of several rows, write their KV, return each row's last logits (eager).
 
         Args:
             tokens: ``[P, T]`` chunk ids, right-padded.
@@ -341,11 +351,12 @@ class SlotDecoder:
         Returns:
             ``[P, V]`` logits at each chunk's last valid token.
         """
-        length_t = torch.tensor(list(lengths), device=self.device)
+        length_t = to_device(list(lengths), self.device)
+        out = torch.empty(tokens.shape[0], self.vocab, device=self.device, dtype=self.dtype)
         if not any(starts):
-            out = torch.empty(tokens.shape[0], self.vocab, device=self.device, dtype=self.dtype)
             return self.prefill_fresh(tokens, slots, length_t, out)
-        return self._prefill_continued(tokens, slots, starts, lengths, length_t)
+        span = max(s + n for s, n in zip(starts, lengths, strict=True))
+        return self.prefill_cached(tokens, slots, to_device(list(starts), self.device), length_t, span, out)
 
     def prefill_fresh(
         self, tokens: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor, logits_out: torch.Tensor
@@ -399,27 +410,46 @@ class SlotDecoder:
         following = self.layers[index + 1].norm_in if index + 1 < len(self.layers) else self.final_norm
         return _add_rms_norm(x, mlp, following, self.eps)
 
-    def _prefill_continued(
+    def prefill_cached(
         self,
         tokens: torch.Tensor,
         slots: torch.Tensor,
-        starts: Sequence[int],
-        lengths: Sequence[int],
-        length_t: torch.Tensor,
+        starts: torch.Tensor,
+        lengths: torch.Tensor,
+        span: int,
+        logits_out: torch.Tensor,
     ) -> torch.Tensor:
-        """Later chunks of long prompts: attend to the cached prefix too (eager)."""
+        """Chunks that continue cached positions (a reused prefix, a long prompt's later chunks);
+        no host synchronisation, graph-capturable.
+
+        Args:
+            tokens: ``[P, T]`` ids, right-padded.
+            slots: ``[P]`` cache rows.
+            starts: ``[P]`` position of each chunk's first token (positions before it are cached).
+            lengths: ``[P]`` valid tokens per row; 0 = a padding row (writes its slot's scratch
+                column only; its logits are garbage).
+            span: Attention reads cache columns ``0..span-1``; at least every ``start + length``.
+            logits_out: ``[P, V]`` buffer for the logits at each row's last valid token.
+
+        Returns:
+            ``logits_out``.
+        """
         count, width = tokens.shape
         device = self.device
         offsets = torch.arange(width, device=device)
-        start_t = torch.tensor(list(starts), device=device)
-        valid = offsets[None, :] < length_t[:, None]
-        positions = torch.where(valid, start_t[:, None] + offsets[None, :], self.scratch)
+        valid = offsets[None, :] < lengths[:, None]
+        positions = torch.where(valid, starts[:, None] + offsets[None, :], self.scratch)
         x = F.embedding(tokens, self.embed)
         cos = self.cos[positions][:, :, None, :]
         sin = self.sin[positions][:, :, None, :]
-        span = max(s + n for s, n in zip(starts, lengths, strict=True))
         columns = torch.arange(span, device=device)
-        mask = (columns[None, None, :] <= positions[:, :, None])[:, None, :, :]
+        group = self.heads // self.kv_heads
+        # GQA by folding: a kv head's query heads x tokens become its query rows, so SDPA keeps a
+        # fused kernel (with enable_gqa and an explicit mask it would fall back to the math one).
+        # Padding tokens sit at the scratch position, past every column: they see all (garbage, finite).
+        visible = columns[None, None, :] <= positions[:, :, None]
+        mask = _additive_mask(visible, self.dtype)[:, None, None].expand(count, 1, group, width, span)
+        mask = mask.reshape(count, 1, group * width, span)
         slot_rows = slots[:, None].expand(count, width)
         h = _rms_norm(x, self.layers[0].norm_in, self.eps)
         for index, layer in enumerate(self.layers):
@@ -428,12 +458,13 @@ class SlotDecoder:
             cache = self.kv[index]
             cache[slot_rows, :, :, positions] = kv
             window = cache.narrow(3, 0, span).index_select(0, slots)
-            attended = F.scaled_dot_product_attention(
-                q.transpose(1, 2), window[:, 0], window[:, 1], attn_mask=mask, enable_gqa=True
-            )
+            folded = q.transpose(1, 2).reshape(count, self.kv_heads, group * width, self.head_dim)
+            attended = F.scaled_dot_product_attention(folded, window[:, 0], window[:, 1], attn_mask=mask)
+            attended = attended.view(count, self.heads, width, self.head_dim)
             x, h = self._prefill_tail(index, layer, x, attended, count, width)
-        last = h[torch.arange(count, device=device), length_t - 1]
-        return _linear(last, self.head)
+        last = h[torch.arange(count, device=device), lengths - 1]
+        self._logits(last, logits_out)
+        return logits_out
 
     def move_row(self, source: int, target: int, used: int) -> None:
         """Copy the first ``used`` cached positions of row ``source`` into row ``target``."""
