@@ -460,7 +460,7 @@ class SlotDecoder:
             window = cache.narrow(3, 0, span).index_select(0, slots)
             folded = q.transpose(1, 2).reshape(count, self.kv_heads, group * width, self.head_dim)
             attended = F.scaled_dot_product_attention(folded, window[:, 0], window[:, 1], attn_mask=mask)
-            attended = attended.view(count, self.heads, width, self.head_dim)
+            attended = attended.reshape(count, self.heads, width, self.head_dim)  # SDPA may return strided
             x, h = self._prefill_tail(index, layer, x, attended, count, width)
         last = h[torch.arange(count, device=device), lengths - 1]
         self._logits(last, logits_out)
