@@ -187,12 +187,18 @@ async def test_a_tab_without_hello_gets_one_object_per_message(node: NodeProcess
     assert frames[-1]["done"] and not any(f["done"] for f in frames[:-1])
 
 
+HONEST_PROMPT = "Write a story about a lighthouse keeper."
+HONEST_TOKENS = 48
+"""Greedy, the embedded model runs this prompt to the limit: the rate spans 47 gaps, not a dozen
+(a short answer's rate is mostly noise of the shared host)."""
+
+
 async def _honest_call(tab: Tab, peer_id: str, call_id: str) -> dict[str, Any]:
     """One greedy engine_run as the real core makes it; returns its text, tokens and decode rate
     (tokens per second between the first and the last cf message of the call, tab-side clock)."""
     before = len([m for m in await tab.get("messages") if m["action"] == "cf" and m["peerId"] == peer_id])
-    result = await call_engine_run(tab, peer_id, call_id, {"user": "Count from one to fifty in words, separated by commas.",
-                                                           "max_tokens": MAX_TOKENS, "temperature": 0})
+    result = await call_engine_run(tab, peer_id, call_id, {"user": HONEST_PROMPT,
+                                                           "max_tokens": HONEST_TOKENS, "temperature": 0})
     assert result["status"] == "ok", result
     await tab.wait("([id, n]) => T.messages.filter(m => m.action === 'cf' && m.peerId === id).slice(n).some("
                    "m => m.b64 && atob(m.b64).includes('finish_reason'))", [peer_id, before], ANSWER_TIMEOUT_S)
@@ -236,6 +242,7 @@ async def test_a_hostile_tab_cannot_hurt_an_honest_one(node: NodeProcess, new_ta
     honest = await join_tab(new_tab, node, "honest", available=False)
     baseline = [await _honest_call(honest, node.peer_id, f"tc-calm-{i}") for i in range(2)]
     assert baseline[0]["text"] == baseline[1]["text"] and baseline[0]["text"].strip()
+    assert baseline[0]["tokens"] == HONEST_TOKENS
     calm_rate = min(b["rate"] for b in baseline)
     attacked = []
     for index, (name, script) in enumerate(ATTACKS.items()):
