@@ -13,6 +13,7 @@ from meshnode.generation.api import Backend
 from meshnode.generation.engine import Engine
 from meshnode.generation.local import LocalBackend
 from meshnode.generation.modelinfo import ModelInfo
+from meshnode.generation.placement import Placement, parse_max_memory
 from meshnode.generation.remote.backend import RemoteBackend, RemoteSettings
 from meshnode.generation.remote.tokenizer import LocalTokenizer
 from meshnode.generation.remote.upstream import parse_upstream
@@ -38,12 +39,14 @@ def resolve_max_concurrent(configured: int, cuda_engine: bool) -> int:
 
 
 def build_engine(loaded: Any, engine: EngineSettings, *, progress: bool = True) -> Engine:
-    """The engine for a loaded model: the CUDA engine where it supports the model, else torch."""
+    """The engine for a loaded model: the CUDA engine where it supports the model on one GPU, else
+    torch (also for a model that a device map spread over several devices: the CUDA engine's slot
+    cache and graphs assume one GPU)."""
     from meshnode.generation.torch_backend import TorchEngine  # noqa: PLC0415 - torch loads here
 
     limits: dict[str, Any] = {"max_queue": engine.max_queue, "max_prompt_tokens": engine.max_prompt_tokens,
                               "max_tokens_limit": engine.max_tokens, "max_batch_tokens": engine.max_batch_tokens}
-    if loaded.device.type == "cuda":
+    if loaded.device.type == "cuda" and loaded.device_map is None:
         from meshnode.generation.cuda.backend import CudaEngine  # noqa: PLC0415
         from meshnode.generation.cuda.decoder import supports_model  # noqa: PLC0415
 
@@ -67,8 +70,11 @@ async def open_backend(model: ModelSettings, engine: EngineSettings, *, progress
         return
     from meshnode.generation.models import resolve_model  # noqa: PLC0415 - torch loads here
 
+    placement = Placement(device_map=model.device_map, max_memory=parse_max_memory(model.max_memory)
+                          ) if model.device_map else None
     loaded = await asyncio.to_thread(resolve_model, model.model, cache_dir=Path(model.cache_dir) if model.cache_dir
-                                     else None, device=model.device, dtype=model.dtype, progress=progress)
+                                     else None, device=model.device, dtype=model.dtype, progress=progress,
+                                     placement=placement)
     backend = LocalBackend(build_engine(loaded, engine, progress=progress), HFText(loaded.tokenizer, loaded.model_id),
                            ModelInfo(model_id=loaded.model_id, tokenizer=loaded.tokenizer))
     try:
