@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(join)
 
     ask = sub.add_parser("ask", help="ask a meshnode in a room for a completion",
-                         description="Join a room, find a peer serving engine_run (lowest load), call it and "
+                         description="Join a room, find a peer serving engine_run (as tabs do: the freshest "
+                                     "available cap), call it and "
                                      "print the text as frames stream in.")
     ask.add_argument("prompt", help="the user message")
     ask.add_argument("--system", help="system prompt")
