@@ -90,7 +90,23 @@ class EngineSettings:
     """max_tokens when a request gives none."""
     max_batch_tokens: int = 32768
     """Memory admission: prompt + max_tokens summed over running and queued requests; a request
-    that would exceed it is refused as busy (0 = off). KV bytes ~ this x per-token KV size."""
+    that would exceed it is refused as busy (0 = off). KV bytes ~ this x per-token KV size.
+    The CUDA engine admits by free KV slot instead (see context_tokens)."""
+    context_tokens: int = 0
+    """CUDA engine: KV positions per stream (prompt + max_tokens must fit); 0 = max_prompt_tokens
+    + max_tokens. Capped by the model's context; the stream count is what the GPU's free memory
+    holds at this size (at most max_concurrent)."""
+    prefill_budget_tokens: int = 0
+    """Prompt tokens prefilled between two decode steps while streams decode, so arrivals do not
+    stall them; 0 = auto (CUDA: the widest chunk costing under one decode step, measured at
+    warm-up; CPU/MPS: 1024)."""
+    prefix_cache_mib: int = 8192
+    """CUDA engine: GPU memory (MiB) for KV of prompt prefixes shared across calls (system prompt,
+    chat-template head, a tab's earlier turns), reused instead of prefilled; least recently used
+    prefixes are evicted. At most a quarter of the KV memory; 0 = off."""
+    compile_cache: bool = True
+    """CUDA engine: keep torch.compile's artifacts under model.cache_dir/compile, so a restart
+    warms up without compiling again."""
     upstreams: list[str] = field(default_factory=list)
     """Remote engines to serve from instead of a local model (empty = the local model):
     [codec|vllm|sglang|llamacpp+]http://HOST:PORT[?max_concurrent=N] (codec = a Codec HTTP server

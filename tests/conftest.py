@@ -20,7 +20,10 @@ def pytest_configure(config: pytest.Config) -> None:
     """Under CI (MESHNODE_REQUIRE_NETNS=1) refuse to run anywhere but a loopback-only namespace."""
     if os.environ.get("MESHNODE_REQUIRE_NETNS") != "1":
         return
-    interfaces = sorted(p.name for p in Path("/sys/class/net").iterdir())
+    # /proc/net/dev belongs to this process's namespace; /sys/class/net shows the namespace that
+    # mounted sysfs (the host's, under a bare `unshare -n`).
+    lines = Path("/proc/net/dev").read_text().splitlines()[2:]
+    interfaces = sorted(line.split(":", 1)[0].strip() for line in lines)
     if interfaces != ["lo"]:
         raise pytest.UsageError(f"MESHNODE_REQUIRE_NETNS=1 but this network namespace has {interfaces}: run the "
                                 "suite through scripts/test.sh (unshare -n), never on the host network")

@@ -201,11 +201,13 @@ def _validate(settings: Settings, sources: dict[Key, str]) -> None:
     ]:
         if getattr(getattr(settings, key[0]), key[1]) < 1:
             raise bad(key, "must be at least 1")
-    for key in [("engine", "max_queue"), ("engine", "max_concurrent")]:
+    for key in [("engine", "max_queue"), ("engine", "max_concurrent"), ("engine", "context_tokens"),
+                ("engine", "prefill_budget_tokens")]:
         if getattr(settings.engine, key[1]) < 0:
             raise bad(key, "must not be negative")
-    for key in [("engine", "max_batch_tokens"), ("limits", "peer_rate_bytes_per_second"),
-                ("limits", "peer_rate_messages_per_second"), ("limits", "max_connections"),
+    for key in [("engine", "max_batch_tokens"), ("engine", "prefix_cache_mib"),
+                ("limits", "peer_rate_bytes_per_second"), ("limits", "peer_rate_messages_per_second"),
+                ("limits", "max_connections"),
                 ("limits", "ban_seconds")]:
         if getattr(getattr(settings, key[0]), key[1]) < 0:
             raise bad(key, "must not be negative (0 turns it off)")

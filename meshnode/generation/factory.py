@@ -38,25 +38,52 @@ def resolve_max_concurrent(configured: int, cuda_engine: bool) -> int:
     return AUTO_MAX_CONCURRENT_CUDA if cuda_engine else AUTO_MAX_CONCURRENT
 
 
-def build_engine(loaded: Any, engine: EngineSettings, *, progress: bool = True) -> Engine:
-    """The engine for a loaded model: the CUDA engine where it supports the model on one GPU, else
-    torch (also for a model that a device map spread over several devices: the CUDA engine's slot
-    cache and graphs assume one GPU)."""
-    from meshnode.generation.torch_backend import TorchEngine  # noqa: PLC0415 - torch loads here
+def build_engine(loaded: Any, engine: EngineSettings, *, progress: bool = True,
+                 cache_dir: Path | None = None) -> Engine:
+    """The engine for a loaded model: the slot engine where it supports the model (CUDA graphs on
+    a GPU; fp16-packed weights on an x86 CPU), else the torch engine (MPS, other architectures, and
+    a model that a device map spread over several devices: the slot cache and graphs assume one).
+
+    ``cache_dir`` is meshnode's cache folder; the CUDA engine keeps torch.compile's artifacts in
+    its ``compile`` subfolder (``engine.compile_cache``).
+    """
+    import torch  # noqa: PLC0415 - torch loads here
+
+    from meshnode.generation.torch_backend import TorchEngine  # noqa: PLC0415
 
     limits: dict[str, Any] = {"max_queue": engine.max_queue, "max_prompt_tokens": engine.max_prompt_tokens,
                               "max_tokens_limit": engine.max_tokens, "max_batch_tokens": engine.max_batch_tokens}
-    if loaded.device.type == "cuda" and loaded.device_map is None:
+    cuda = loaded.device.type == "cuda"
+    if (cuda or loaded.device.type == "cpu") and loaded.device_map is None:
         from meshnode.generation.cuda.backend import CudaEngine  # noqa: PLC0415
-        from meshnode.generation.cuda.decoder import supports_model  # noqa: PLC0415
+        from meshnode.generation.cuda.decoder import fp16_packing_available, supports_model  # noqa: PLC0415
 
-        if supports_model(loaded.model) is None:
+        fast_cpu = fp16_packing_available(loaded.device) and next(loaded.model.parameters()).dtype == torch.float32
+        if supports_model(loaded.model) is None and (cuda or fast_cpu):
             # Its KV cache is preallocated per slot: admission is by free slot, not a token sum.
-            limits.update(max_batch_tokens=0, progress=progress,
-                          max_concurrent=resolve_max_concurrent(engine.max_concurrent, cuda_engine=True))
+            limits.update(max_batch_tokens=0, progress=progress, context_tokens=engine.context_tokens,
+                          prefill_budget_tokens=engine.prefill_budget_tokens or None, fp16_weights=not cuda,
+                          max_concurrent=resolve_max_concurrent(engine.max_concurrent, cuda_engine=cuda))
+            if cuda:  # the prefix store and compiled helpers are GPU features (off on the CPU path)
+                limits.update(prefix_cache_bytes=engine.prefix_cache_mib << 20,
+                              compile_cache=cache_dir / "compile" if engine.compile_cache and cache_dir else None)
             return CudaEngine.from_loaded(loaded, **limits)
     limits["max_concurrent"] = resolve_max_concurrent(engine.max_concurrent, cuda_engine=False)
+    if engine.prefill_budget_tokens:
+        limits["prefill_budget_tokens"] = engine.prefill_budget_tokens
     return TorchEngine.from_loaded(loaded, **limits)
+
+
+def _load(model: ModelSettings, progress: bool) -> tuple[Any, Path]:
+    """Load the configured model (worker thread); returns it and meshnode's cache folder."""
+    from meshnode.generation.models import default_cache_dir, resolve_model  # noqa: PLC0415 - torch loads here
+
+    cache_dir = Path(model.cache_dir).expanduser() if model.cache_dir else default_cache_dir()
+    placement = Placement(device_map=model.device_map, max_memory=parse_max_memory(model.max_memory)
+                          ) if model.device_map else None
+    loaded = resolve_model(model.model, cache_dir=cache_dir, device=model.device, dtype=model.dtype, progress=progress,
+                           placement=placement)
+    return loaded, cache_dir
 
 
 @contextlib.asynccontextmanager
@@ -68,14 +95,9 @@ async def open_backend(model: ModelSettings, engine: EngineSettings, *, progress
         async with open_remote(engine) as remote:
             yield remote
         return
-    from meshnode.generation.models import resolve_model  # noqa: PLC0415 - torch loads here
-
-    placement = Placement(device_map=model.device_map, max_memory=parse_max_memory(model.max_memory)
-                          ) if model.device_map else None
-    loaded = await asyncio.to_thread(resolve_model, model.model, cache_dir=Path(model.cache_dir) if model.cache_dir
-                                     else None, device=model.device, dtype=model.dtype, progress=progress,
-                                     placement=placement)
-    backend = LocalBackend(build_engine(loaded, engine, progress=progress), HFText(loaded.tokenizer, loaded.model_id),
+    loaded, cache_dir = await asyncio.to_thread(_load, model, progress)
+    backend = LocalBackend(build_engine(loaded, engine, progress=progress, cache_dir=cache_dir),
+                           HFText(loaded.tokenizer, loaded.model_id),
                            ModelInfo(model_id=loaded.model_id, tokenizer=loaded.tokenizer))
     try:
         yield backend

@@ -11,12 +11,12 @@ pytest-asyncio is not installed (the GPU machine).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaForCausalLM
 
 from bench.lab.fakes import CharTokenizer
 from meshnode.errors import AdmissionError
@@ -26,19 +26,7 @@ from meshnode.generation.cuda.decoder import SlotDecoder, supports_model
 from meshnode.generation.cuda.sampler import sample_row_exact, sample_rows, sample_rows_exact, seed_key
 from meshnode.generation.engine import Engine
 from meshnode.generation.torch_backend import TorchEngine
-
-TIMEOUT_SECONDS = 60.0
-"""Bound for each engine test (a shared 2-core machine; normally a few seconds)."""
-HAS_CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-
-
-def run(coro: Coroutine[Any, Any, Any]) -> Any:
-    async def bounded() -> Any:
-        async with asyncio.timeout(TIMEOUT_SECONDS):
-            return await coro
-
-    return asyncio.run(bounded())
+from tests.cudakit import EagerGraph, hf_greedy, make_engine, needs_cuda, prompt, run, tiny_llama, tiny_qwen
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -47,72 +35,6 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def tiny_llama(seed: int = 0, device: str = "cpu") -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=4096,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        initializer_range=0.2,
-        max_position_embeddings=512,
-    )
-    return LlamaForCausalLM(config).to(device).eval()
-
-
-def tiny_qwen(seed: int = 1, device: str = "cpu") -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=4096,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-        initializer_range=0.2,
-        max_position_embeddings=512,
-    )
-    model = Qwen2ForCausalLM(config).eval()
-    with torch.no_grad():  # Qwen2 has q/k/v biases; make them matter
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.normal_(0, 0.2)
-    return model.to(device)
-
-
-def prompt(index: int, vocab: int = 4096) -> list[int]:
-    """Prompts of different lengths, so batches are ragged."""
-    return [(index * 7919 + j * 104729) % (vocab - 100) + 100 for j in range(3 + 2 * index)]
-
-
-def hf_greedy(model: Any, ids: list[int], count: int) -> list[int]:
-    with torch.inference_mode():
-        out = model.generate(
-            torch.tensor([ids], device=model.device),
-            max_new_tokens=count,
-            min_new_tokens=count,
-            do_sample=False,
-            pad_token_id=0,
-        )
-    return out[0, len(ids) :].tolist()
-
-
-def make_engine(model: Any, **kwargs: Any) -> CudaEngine:
-    options: dict[str, Any] = {
-        "model_id": "tiny",
-        "max_concurrent": 8,
-        "max_queue": 16,
-        "max_prompt_tokens": 64,
-        "max_tokens_limit": 64,
-    }
-    options.update(kwargs)
-    return CudaEngine(model, CharTokenizer(), **options)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -272,7 +194,11 @@ def reference_model() -> LlamaForCausalLM:
 def test_engine_satisfies_protocol_and_reports_load(engine_model: Any) -> None:
     engine = make_engine(engine_model)
     assert isinstance(engine, TokenEngine)
-    assert engine.load_info() == {"active": 0, "queued": 0, "max_concurrent": 8, "max_queue": 16}
+    info = engine.load_info()
+    assert {k: info[k] for k in ("active", "queued", "max_concurrent", "max_queue")} == {
+        "active": 0, "queued": 0, "max_concurrent": 8, "max_queue": 16}
+    assert info["kv_slots"] == 8 and info["kv_positions"] == 128
+    assert "prefix_hits" not in info  # the prefix store is off on the CPU unless asked for
     assert engine.max_len == 128
     assert not engine.batch.use_graphs
 
@@ -431,16 +357,6 @@ def test_compaction_keeps_outputs(engine_model: Any, reference_model: Any) -> No
     assert run(scenario()) == expected
 
 
-class EagerGraph:
-    """Stands in for a captured CUDA graph on the CPU: replay() runs the captured body."""
-
-    def __init__(self, body: Any, *shape: int) -> None:
-        self.body, self.shape = body, shape
-
-    def replay(self) -> None:
-        self.body(*self.shape)
-
-
 def test_graph_plumbing_with_eager_replays(engine_model: Any, reference_model: Any) -> None:
     """The static-buffer paths the graphs replay (bucketed rows/widths, padding rows) on the CPU."""
     count = 7
@@ -505,6 +421,46 @@ def test_cuda_bf16_sampled_streams_are_reproducible() -> None:
     together, alone = run(scenario())
     assert together == alone
     assert all(len(ids) == 24 for ids in alone)
+
+
+@needs_cuda
+@pytest.mark.parametrize("compiled", [False, True], ids=["graphs", "graphs+compile"])
+def test_cuda_prefix_reuse_equals_transformers_without_host_syncs(compiled: bool, tmp_path: Any) -> None:
+    """With the prefix store on, replayed first-chunk and continuing-chunk graphs give transformers'
+    greedy ids; once warm, serving makes no synchronising CUDA call (sync debug mode "error" turns
+    any into a failed request); the compile cache is written after a compiled warm-up."""
+    model = tiny_qwen(device="cuda")
+    reference = tiny_qwen(device="cuda")
+    shared = prompt(20)
+    prompts = [shared + prompt(i)[: 3 + i] for i in range(10)]
+    params = [SamplingParams(temperature=0.0, max_tokens=6 + 3 * i) for i in range(10)]
+    torch.backends.cuda.matmul.allow_tf32 = False
+    expected = [hf_greedy(reference, p, s.max_tokens) for p, s in zip(prompts, params, strict=True)]
+
+    async def scenario() -> list[list[int]]:
+        engine = make_engine(model, max_concurrent=8, use_compile=compiled, prefill_budget_tokens=32,
+                             prefix_cache_bytes=1 << 20, prefix_block_tokens=8,
+                             compile_cache=tmp_path if compiled else None)
+        async with engine:
+            await engine.wait_ready()
+            assert engine.batch.graphs.cached_graphs and engine.batch.use_compile == compiled
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                streams = [engine.generate(p, s) for p, s in zip(prompts[:5], params[:5], strict=True)]
+                firsts = [(await anext(streams[0])).ids] + [[] for _ in range(4)]
+                for p, s in zip(prompts[5:], params[5:], strict=True):  # arrivals while others decode
+                    streams.append(engine.generate(p, s))
+                    firsts.append((await anext(streams[-1])).ids)
+                rest = await asyncio.gather(*(stream.collect() for stream in streams))
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            assert all(stream.finish_reason == "length" for stream in streams), [s.error for s in streams]
+            assert engine.load_info()["prefix_hits"] >= 8
+        return [first + list(ids) for first, ids in zip(firsts, rest, strict=True)]
+
+    assert run(scenario()) == expected
+    if compiled:
+        assert list(tmp_path.glob("inductor-*.bin"))
 
 
 def test_torch_engine_is_unchanged_on_cpu(engine_model: Any) -> None:

@@ -4,27 +4,35 @@
 the :class:`~meshnode.generation.engine.Engine` over it, with the same interface as the torch
 engine. How the loop is built for one GPU and many concurrent streams:
 
-* **Own forward** (:mod:`.decoder`) over a **slot KV cache** sized from the GPU's free memory;
-  every running stream owns one slot (a row). Admission is by free slot (= free KV memory); a
-  request whose prompt + max_tokens does not fit a slot is refused.
+* **Own forward** (:mod:`.decoder`) over a **slot KV cache**: every running stream owns one slot
+  (a row of ``context`` positions). The slot count is what the GPU's free memory holds after the
+  weights and the prefix store (:mod:`.sizing`), so admission by free slot is admission by free
+  KV memory; a request whose prompt + max_tokens does not fit a slot is refused.
+* **Prefix reuse** (:mod:`.prefix`): KV of prompt prefixes shared across calls (the chat-template
+  head and system prompt every Legion call starts with, a tab's earlier turns) is kept in a
+  bounded LRU store and copied into a newcomer's slot, which then prefills only the rest.
 * **Decode steps in CUDA graphs** (:mod:`.graphs`). Slots are given lowest-first and compacted
   when the batch shrinks, so the batch bucket follows the number of running streams; the host
   rewrites the graphs' inputs only when streams join or leave.
 * **Sampling on the GPU** (:mod:`.sampler`), with one device-to-host copy of the new ids per step.
-* **Chunked prefill.** Newcomers are prefilled in batches of at most ``prefill_budget_tokens``
-  (padded) tokens between two decode steps (4x that while nothing decodes), so a burst of long
-  prompts delays running streams by one bounded chunk at a time.
+* **Chunked prefill between decode steps** (:mod:`.prefill`): one batch of prompt chunks per
+  step, sized by its measured cost against the running batch's step, replayed from graphs, with
+  no host synchronisation (a prompt's first token is sampled on the device and arrives with the
+  row's first decode step). A Poisson stream of arrivals therefore lengthens an inter-token gap by
+  at most one bounded chunk and never drains the pipeline.
 * **Pipelined steps.** Step k+1 is launched before the ids of step k are processed, so stop
   handling, detokenizing and delivery overlap the GPU. Rows that finish at step k simply have their
-  step-k+1 result ignored; a row resampled on the host is rolled back one step.
+  step-k+1 result ignored; a row resampled on the host is rolled back one step. The host waits on
+  the device only for the step whose ids it processes next (and for the exact resample of a row
+  whose top-p nucleus outgrew the sampler's candidates, which reads logits back).
 
-Warm-up (compilation and graph capture) runs once when the worker starts, with a progress bar;
-requests queue meanwhile (:meth:`CudaEngine.wait_ready`). On a CPU (or without graphs) the same
-forward runs eagerly: that is what the unit tests exercise; :func:`meshnode.generation.factory.open_engine`
-selects it only for CUDA devices.
+Warm-up (compilation, graph capture, calibration) runs once when the worker starts, with a progress
+bar; requests queue meanwhile (:meth:`CudaEngine.wait_ready`). torch.compile's artifacts are kept
+across starts (:mod:`.compilecache`). On a CPU (or without graphs) the same forward runs eagerly:
+that is what the unit tests exercise; :func:`meshnode.generation.factory.build_engine` selects it
+only for CUDA devices.
 
-Measured on one H100 (``bench/gpu_bench.py``, ``bench/results/gpu_*.json``): Qwen2.5-0.5B shape,
-611 tok/s at 1 stream (1.63 ms/step), 28.8k tok/s with 64 streams, 41.3k with 256.
+Measured (``bench/gpu_bench.py``, ``bench/results/gpu_*.json``): see ``bench/results/README.md``.
 """
 
 from __future__ import annotations
@@ -35,41 +43,69 @@ import logging
 import secrets
 import threading
 import time
+from pathlib import Path
 from typing import Any, Self
 
 import torch
 
 from meshnode.errors import AdmissionError, ModelError
 from meshnode.generation.api import SamplingParams
+from meshnode.generation.cuda.compilecache import CompileCache
 from meshnode.generation.cuda.decoder import SlotDecoder, supports_model
 from meshnode.generation.cuda.graphs import DecodeGraphs
-from meshnode.generation.cuda.sampler import SAMPLING_CANDIDATES, sample_rows, sample_rows_exact, seed_key
-from meshnode.generation.cuda.slots import RESULT_BUFFERS, Launch, Running, SlotState, bucket
+from meshnode.generation.cuda.hostcopy import to_device
+from meshnode.generation.cuda.prefill import DEFAULT_CUDA_PREFILL_BUDGET_TOKENS, Prefiller, prefill_capacity
+from meshnode.generation.cuda.prefix import DEFAULT_BLOCK_TOKENS, PrefixStore
+from meshnode.generation.cuda.sampler import sample_rows_exact, seed_key
+from meshnode.generation.cuda.sizing import kv_budget, plan_kv
+from meshnode.generation.cuda.slots import RESULT_BUFFERS, Launch, Running, SlotState, bucket, may_overflow
 from meshnode.generation.engine import Engine, Request
 from meshnode.generation.text import HFText
 
-__all__ = ["CudaBatch", "CudaEngine"]
+__all__ = ["DEFAULT_PREFIX_CACHE_BYTES", "CudaBatch", "CudaEngine"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CUDA_PREFILL_BUDGET_TOKENS = 4096
-"""Padded prompt tokens prefilled between two decode steps while streams are decoding."""
-IDLE_PREFILL_FACTOR = 4
-"""With no stream decoding, a prefill batch may be this many times larger (nobody is stalled)."""
-KV_MEMORY_FRACTION = 0.85
-"""Share of the GPU memory left after the weights and the working reserve that the KV cache may take."""
-WORKING_RESERVE_BYTES = 2 << 30
-"""GPU memory kept free for activations, logits and graph pools when sizing the KV cache."""
+DEFAULT_PREFIX_CACHE_BYTES = 8 << 30
+"""Prefix store on a CUDA device unless configured (lowered to a quarter of the KV memory)."""
 
 
 class CudaBatch:
     """The slots, graphs and pipelined loop of one GPU (see the module docstring)."""
 
     def __init__(self, model: Any, *, model_id: str = "local", slots: int = 256, max_prompt_tokens: int = 4096,
-                 max_tokens_limit: int = 2048, prefill_budget_tokens: int = DEFAULT_CUDA_PREFILL_BUDGET_TOKENS,
+                 max_tokens_limit: int = 2048, context_tokens: int = 0, prefill_budget_tokens: int | None = None,
                  name: str = "cuda-engine", use_graphs: bool | None = None, use_compile: bool | None = None,
-                 kv_memory_bytes: int | None = None, progress: bool = False) -> None:
-        """Raises: ModelError: the model is not supported or the cache cannot hold one request."""
+                 kv_memory_bytes: int | None = None, prefix_cache_bytes: int | None = None,
+                 prefix_block_tokens: int = DEFAULT_BLOCK_TOKENS, compile_cache: Path | None = None,
+                 progress: bool = False, fp16_weights: bool = False) -> None:
+        """Size the KV cache and build the decoder, graphs and prefill scheduler (nothing compiled yet).
+
+        Args:
+            model: A supported transformers causal LM (see :func:`supports_model`).
+            model_id: For messages.
+            slots: Most concurrent streams (lowered to what the KV memory holds).
+            max_prompt_tokens: Longest prompt.
+            max_tokens_limit: Largest max_tokens.
+            context_tokens: Positions per slot; 0 = max_prompt_tokens + max_tokens_limit. Capped by
+                the model's context either way.
+            prefill_budget_tokens: Padded prompt tokens per prefill batch while streams decode;
+                ``None`` = measured at warm-up on CUDA (:data:`DEFAULT_CUDA_PREFILL_BUDGET_TOKENS` otherwise).
+            name: For logs and the worker thread.
+            use_graphs: Capture CUDA graphs (default: on CUDA).
+            use_compile: torch.compile the decode step's helpers (default: on CUDA).
+            kv_memory_bytes: KV memory (slots + prefix store); default: from the GPU's free memory.
+            prefix_cache_bytes: Memory for the prefix store; 0 = off; default:
+                :data:`DEFAULT_PREFIX_CACHE_BYTES` on CUDA, off elsewhere.
+            prefix_block_tokens: Tokens per prefix block.
+            compile_cache: Directory for torch.compile's artifacts across starts; ``None`` = none.
+            progress: Show a warm-up progress bar.
+            fp16_weights: On a CPU, keep the projections fp16-packed for fbgemm (the CPU fast path;
+                False: the model's own weights, exact).
+
+        Raises:
+            ModelError: The model is not supported or the cache cannot hold one request.
+        """
         reason = supports_model(model)
         if reason is not None:
             raise ModelError(f"{model_id}: {reason}")
@@ -80,46 +116,60 @@ class CudaBatch:
         # Compiling for the CPU (inductor's C++ backend) costs minutes and is never needed here.
         self.use_compile = on_cuda and (True if use_compile is None else use_compile)
         self._progress = progress
-        self.prefill_budget = max(1, prefill_budget_tokens)
         model_limit = int(getattr(model.config, "max_position_embeddings", 0) or 0) or (
             max_prompt_tokens + max_tokens_limit)
-        max_len = min(max_prompt_tokens + max_tokens_limit, model_limit)
-        per_row = SlotDecoder.kv_bytes_per_position(model) * (max_len + 1)
+        max_len = min(context_tokens or (max_prompt_tokens + max_tokens_limit), model_limit)
         if kv_memory_bytes is None and on_cuda:
-            free, _total = torch.cuda.mem_get_info(self.device)
-            kv_memory_bytes = int(max(0, free - WORKING_RESERVE_BYTES) * KV_MEMORY_FRACTION)
-        if kv_memory_bytes is not None:
-            slots = min(slots, kv_memory_bytes // per_row)
-            if slots < 1:
-                raise ModelError(f"{model_id}: the KV cache does not fit even one request of {max_len} positions")
-        self.slots: int | None = int(slots)
+            kv_memory_bytes = kv_budget(torch.cuda.mem_get_info(self.device)[0])
+        if prefix_cache_bytes is None:
+            prefix_cache_bytes = DEFAULT_PREFIX_CACHE_BYTES if on_cuda else 0
+        per_position = SlotDecoder.kv_bytes_per_position(model)
+        plan = plan_kv(budget_bytes=kv_memory_bytes, bytes_per_position=per_position, positions=max_len,
+                       slots_wanted=slots, prefix_bytes_wanted=prefix_cache_bytes, block_tokens=prefix_block_tokens,
+                       model_id=model_id)
+        self.plan = plan
+        """How the KV memory is split (slots, prefix blocks)."""
+        self.slots: int | None = plan.slots
         """Cache slots (rows); the engine's max_concurrent is at most this."""
         self.max_len = max_len
         """Positions per slot: every request's prompt + max_tokens must fit."""
         self.max_positions: int | None = max_len
-        self.decoder = SlotDecoder(model, slots=int(slots), max_len=max_len)
+        self.decoder = SlotDecoder(model, slots=plan.slots, max_len=max_len)
+        self.fp16_weights = fp16_weights
+        """Projections as fbgemm fp16-packed weights (the CPU fast path)."""
+        if fp16_weights:
+            freed = self.decoder.pack_fp16(model)
+            logger.info("%s: fp16-packed weights for the CPU (%.0f MB of fp32 freed)", model_id, freed / 1e6)
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
         self.kv_cache_bytes = self.decoder.kv.numel() * self.decoder.kv.element_size()
-        """Bytes of the preallocated KV cache."""
-        self.state = SlotState(int(slots), self.device, self.decoder.scratch)
-        self.graphs = DecodeGraphs(self.decoder, self.state, slots=int(slots), max_len=max_len,
-                                   prefill_capacity=self.prefill_budget * IDLE_PREFILL_FACTOR,
+        """Bytes of the preallocated slot KV cache."""
+        decoder = self.decoder
+        self.prefix: PrefixStore | None = None
+        """The prefix store (None = off)."""
+        if plan.prefix_blocks:
+            self.prefix = PrefixStore(layers=len(decoder.layers), kv_heads=decoder.kv_heads, head_dim=decoder.head_dim,
+                                      blocks=plan.prefix_blocks, block_tokens=prefix_block_tokens,
+                                      device=self.device, dtype=decoder.dtype)
+        self.state = SlotState(plan.slots, self.device, self.decoder.scratch)
+        self.graphs = DecodeGraphs(self.decoder, self.state, slots=plan.slots, max_len=max_len,
+                                   prefill_capacity=prefill_capacity(prefill_budget_tokens),
                                    max_prompt_tokens=max_prompt_tokens, name=name)
+        self.prefiller = Prefiller(self.decoder, self.graphs, self.state, self.prefix, budget=prefill_budget_tokens,
+                                   name=name)
+        self._compile_cache = (CompileCache.for_model(compile_cache, model, self.device)
+                               if compile_cache is not None and self.use_compile else None)
         self.ready = threading.Event()
         """Set once warm-up is over and requests are being served."""
         self.warmup_seconds: float | None = None
         """Time warm-up took (compilation and graph capture)."""
         self.steps = 0
-        self.prefill_steps = 0
-        """Prefill batches run so far."""
         self.overflow_rows = 0
         """Rows resampled on the full vocabulary because top-k/top-p outgrew the candidates."""
         # Worker-side state.
         self._engine: Engine | None = None
         self._running: dict[int, Running] = {}
         """Admitted requests by slot (prefilling or decoding)."""
-        self._free_slots = list(range(int(slots)))
-        self._newcomers: list[Running] = []
+        self._free_slots = list(range(plan.slots))
         self._launches = 0
         self._inflight: Launch | None = None
         self._stash = torch.empty_like(self.graphs.logits)
@@ -131,8 +181,23 @@ class CudaBatch:
     def warmup_breakdown(self) -> dict[str, float]:
         return self.graphs.breakdown
 
+    @property
+    def prefill_steps(self) -> int:
+        """Prefill batches run so far."""
+        return self.prefiller.steps
+
     def describe(self) -> str:
-        return f"{self.device} ({self.slots} slots x {self.max_len} positions)"
+        prefix = f", prefix cache {self.plan.prefix_bytes / 2**30:.1f} GiB" if self.prefix is not None else ""
+        return (f"{self.device} ({self.slots} slots x {self.max_len} positions, KV "
+                f"{self.kv_cache_bytes / 2**30:.1f} GiB{prefix})")
+
+    def stats(self) -> dict[str, int]:
+        """KV and prefix-store counters (for load_info)."""
+        info = {"kv_slots": self.slots or 0, "kv_positions": self.max_len, "kv_bytes": self.kv_cache_bytes,
+                "prefill_batches": self.prefiller.steps}
+        if self.prefix is not None:
+            info.update(self.prefix.stats())
+        return info
 
     def check(self, prompt_length: int, params: SamplingParams) -> None:
         need = prompt_length + params.max_tokens
@@ -143,11 +208,16 @@ class CudaBatch:
     # -- warm-up -----------------------------------------------------------------------------------
 
     def warm_up(self) -> float:
-        """Compile and capture the decode graphs (worker thread, before serving); returns seconds."""
+        """Compile, capture and calibrate (worker thread, before serving); returns seconds."""
         if self.ready.is_set():
             return self.warmup_seconds or 0.0
         started = time.perf_counter()
-        graphs = self.graphs
+        graphs, breakdown = self.graphs, self.graphs.breakdown
+        cache = self._compile_cache
+        if cache is not None:
+            mark = time.perf_counter()
+            cache.load()
+            breakdown["compile_cache_load_s"] = time.perf_counter() - mark
         if self.use_compile:
             try:
                 graphs.compile()
@@ -164,11 +234,24 @@ class CudaBatch:
                 logger.exception("%s: capture with compiled helpers failed; retrying eager", self.name)
                 graphs.uncompile()
                 self.use_compile = False
-                graphs.graphs.clear()
+                for captured in (graphs.graphs, graphs.prefill_graphs, graphs.cached_graphs):
+                    captured.clear()
                 graphs.capture_all(progress=self._progress)
+            try:
+                self.prefiller.calibrate()
+            except Exception:
+                # Only the chunk budget depends on it: serve with the default one rather than not at all.
+                logger.exception("%s: prefill calibration failed; default chunk budget", self.name)
+        if cache is not None and self.use_compile:
+            mark = time.perf_counter()
+            cache.save()
+            breakdown["compile_cache_save_s"] = time.perf_counter() - mark
         self.warmup_seconds = time.perf_counter() - started
-        logger.info("%s warm: %d slots x %d positions (KV %.2f GiB), %d graphs, %.1f s", self.name, self.slots,
-                    self.max_len, self.kv_cache_bytes / 2**30, len(graphs.graphs), self.warmup_seconds)
+        logger.info("%s warm in %.1f s: %d slots x %d positions (KV %.2f GiB, prefix store %.2f GiB), "
+                    "%d decode + %d prefill + %d cached-prefill graphs; %s", self.name, self.warmup_seconds,
+                    self.slots, self.max_len, self.kv_cache_bytes / 2**30, self.plan.prefix_bytes / 2**30,
+                    len(graphs.graphs), len(graphs.prefill_graphs), len(graphs.cached_graphs),
+                    ", ".join(f"{key} {value:.1f} s" for key, value in breakdown.items()))
         self.ready.set()
         return self.warmup_seconds
 
@@ -189,7 +272,6 @@ class CudaBatch:
                     for request in newcomers:
                         self._assign_slot(request)
                     self._prefill_some(engine)
-                    engine.flush()
                     previous, self._inflight = self._inflight, self._launch(engine)
                     if previous is not None:
                         self._process(engine, previous)
@@ -202,7 +284,7 @@ class CudaBatch:
         for run in self._running.values():
             run.released = True
         self._running.clear()
-        self._newcomers.clear()
+        self.prefiller.newcomers.clear()
         self._inflight = None
         self._free_slots = list(range(self.slots or 0))
         return held
@@ -213,107 +295,75 @@ class CudaBatch:
         seed = request.params.seed if request.params.seed is not None else secrets.randbits(63)
         run = Running(request=request, slot=slot, key=seed_key(seed))
         self._running[slot] = run
-        self._newcomers.append(run)
+        self.prefiller.newcomers.append(run)
 
     def _release(self, run: Running) -> None:
         """Free a finished request's slot (its row goes idle before the next step)."""
         if run.released:
             return
         run.released = True
+        run.first = None
         if self._running.get(run.slot) is run:
             del self._running[run.slot]
             self._free_slots.append(run.slot)
             if run.decoding:
                 self.state.clear_row(run.slot)
-        if run in self._newcomers:
-            self._newcomers.remove(run)
+        if run in self.prefiller.newcomers:
+            self.prefiller.newcomers.remove(run)
 
     def _end(self, engine: Engine, run: Running, reason: Any) -> None:
         engine.finish(run.request, reason)
         self._release(run)
 
-    def _prefill_some(self, engine: Engine) -> None:
-        """Prefill one bounded batch of prompt chunks; newcomers whose prompt is done start decoding."""
-        for run in [r for r in self._newcomers if r.request.stream.cancelled]:
-            self._end(engine, run, "cancel")
-        if not self._newcomers:
-            return
-        decoding = any(run.decoding for run in self._running.values())
-        budget = self.prefill_budget * (1 if decoding else IDLE_PREFILL_FACTOR)
-        chosen: list[tuple[Running, int]] = []
-        width = 0
-        for run in self._newcomers:
-            # Chunks are right-padded to the widest one: the budget counts padded tokens.
-            size = min(len(run.request.prompt) - run.prefilled, budget)
-            new_width = max(width, size)
-            if chosen and new_width * (len(chosen) + 1) > budget:
-                break
-            chosen.append((run, size))
-            width = new_width
-        rows = [run for run, _ in chosen]
-        tokens = torch.zeros(len(chosen), width, dtype=torch.long)
-        for index, (run, size) in enumerate(chosen):
-            tokens[index, :size] = torch.tensor(run.request.prompt[run.prefilled : run.prefilled + size],
-                                                dtype=torch.long)
-        done = [i for i, (run, size) in enumerate(chosen) if run.prefilled + size == len(run.request.prompt)]
-        try:
-            logits = None
-            if not any(run.prefilled for run in rows):
-                logits = self.graphs.prefill_first(tokens, [run.slot for run in rows], [size for _, size in chosen])
-            if logits is None:
-                logits = self.decoder.prefill(tokens.to(self.device),
-                                              torch.tensor([run.slot for run in rows], device=self.device),
-                                              [run.prefilled for run in rows], [size for _, size in chosen])
-            first = self._sample_first(logits, [rows[i] for i in done], done)
-        except Exception as exc:
-            engine.fail([run.request for run in rows], exc, "prefill")
-            for run in rows:
-                self._release(run)
-            return
-        self.prefill_steps += 1
-        for run, size in chosen:
-            run.prefilled += size
-        for j, index in enumerate(done):
-            run = rows[index]
+    def _complete(self, run: Running) -> None:
+        """A stream ended normally (stop or length): keep its context for a next turn, free the slot."""
+        if self.prefix is not None:
             request = run.request
-            self._newcomers.remove(run)
-            if request.stream.cancelled:
-                self._end(engine, run, "cancel")
-                continue
-            engine.started(request)
-            if engine.advance(request, first[j]):
-                self._release(run)
-                continue
+            # Positions before request.position hold final KV (the step in flight writes the next one).
+            tokens = (request.prompt + request.generated)[: request.position]
+            self.prefix.insert(tokens, self.decoder.kv, run.slot)
+        self._release(run)
+
+    def _prefill_some(self, engine: Engine) -> None:
+        """One prefill batch (:class:`~.prefill.Prefiller`); rows whose prompt is done start decoding."""
+        decoding = sum(1 for run in self._running.values() if run.decoding)
+        for run in self.prefiller.run(engine, decoding, self._release):
             run.decoding = True
             run.valid_from = self._launches + 1
-            self.state.set_row(run.slot, token=first[j], position=request.position, params=request.params,
-                               key=run.key, counter=1)
 
-    def _sample_first(self, logits: torch.Tensor, runs: list[Running], rows: list[int]) -> list[int]:
-        """Sample the first token of each finished prompt (token index 0 of its request)."""
-        if not runs:
-            return []
-        device = self.device
-        params = [run.request.params for run in runs]
-        picked = logits.index_select(0, torch.tensor(rows, device=device))
-        ids, overflow = sample_rows(
-            picked,
-            torch.tensor([p.temperature for p in params], device=device),
-            torch.tensor([p.top_k for p in params], device=device),
-            torch.tensor([p.top_p for p in params], device=device),
-            torch.tensor([run.key for run in runs], device=device),
-            torch.zeros(len(runs), dtype=torch.long, device=device),
-            min(SAMPLING_CANDIDATES, self.decoder.vocab),
-        )
-        first = ids.tolist()
-        flagged = [j for j, flag in enumerate(overflow.tolist()) if flag]
-        if flagged:
-            self.overflow_rows += len(flagged)
-            exact = sample_rows_exact(picked.index_select(0, torch.tensor(flagged, device=device)),
-                                      [params[j] for j in flagged], [runs[j].key for j in flagged], [0] * len(flagged))
-            for j, token in zip(flagged, exact, strict=True):
-                first[j] = token
-        return [int(token) for token in first]
+    def _take_first(self, engine: Engine, run: Running) -> bool:
+        """Hand a row its first token (read back with its first launch); returns whether that
+        launch's result for the row counts (not finished, not rolled back)."""
+        first, run.first = run.first, None
+        assert first is not None
+        request = run.request
+        token, overflow = (int(value) for value in first.host[first.index].tolist())
+        if overflow and first.logits is not None:
+            try:
+                token = sample_rows_exact(first.logits[None], [request.params], [run.key], [0])[0]
+            except Exception:
+                logger.exception("%s exact resampling failed", self.name)  # keep the candidate pick
+            self.overflow_rows += 1
+        if request.stream.cancelled:
+            self._end(engine, run, "cancel")
+            return False
+        engine.started(request)
+        try:
+            finished = engine.advance(request, token)
+        except Exception as exc:
+            engine.fail([request], exc, "sampling")
+            self._release(run)
+            return False
+        if finished:
+            self._complete(run)
+            return False
+        if overflow:
+            # The launch in flight decoded from the candidate pick: restart the row from the exact one.
+            self.state.set_row(run.slot, token=token, position=request.position, params=request.params,
+                               key=run.key, counter=1)
+            run.valid_from = self._launches + 1
+            return False
+        return True
 
     def _compact(self) -> None:
         """Move decoding rows from the top slots into free lower ones when that shrinks the batch."""
@@ -330,8 +380,10 @@ class CudaBatch:
             run = self._running[slot]
             target = self._free_slots.pop(0)
             # Positions up to request.position (inclusive) may be written once the step in flight
-            # has run; the copy is ordered after it on the stream.
-            self.decoder.move_row(slot, target, min(run.request.position + 1, self.max_len))
+            # has run; the copy is ordered after it on the stream. A row whose first token is not
+            # read back yet is at position len(prompt).
+            position = max(run.request.position, len(run.request.prompt))
+            self.decoder.move_row(slot, target, min(position + 1, self.max_len))
             self.state.move_row(slot, target)
             del self._running[slot]
             run.slot = target
@@ -352,7 +404,7 @@ class CudaBatch:
                 return None
             batch = bucket(self.graphs.batch_buckets, max(run.slot for run in decoding) + 1)
             # A row may be one step further on the device than here (the step in flight).
-            need = min(max(run.request.position for run in decoding) + 2, self.max_len)
+            need = min(max(max(run.request.position, len(run.request.prompt)) for run in decoding) + 2, self.max_len)
             length = bucket(self.graphs.length_buckets, need)
             previous = self._inflight
             if previous is not None and previous.may_overflow:
@@ -374,19 +426,17 @@ class CudaBatch:
                 self._release(run)
             return None
         self.steps += 1
-        may_overflow = any(
-            not run.request.params.greedy
-            and (run.request.params.top_k > SAMPLING_CANDIDATES
-                 or (run.request.params.top_p < 1 and run.request.params.top_k == 0))
-            for run in decoding
-        )
-        return Launch(self._launches, batch, [(run, run.slot) for run in decoding], may_overflow, result, event)
+        overflowing = any(may_overflow(run.request.params) for run in decoding)
+        return Launch(self._launches, batch, [(run, run.slot) for run in decoding], overflowing, result, event)
 
     def _process(self, engine: Engine, launch: Launch) -> None:
-        """Wait for a launched step and hand its ids to the streams."""
+        """Wait for a launched step and hand its ids (and newcomers' first tokens) to the streams."""
         if launch.event is not None:
             launch.event.synchronize()
         results = launch.result.tolist()
+        for run, _ in launch.rows:
+            if run.first is not None and not run.released:
+                self._take_first(engine, run)
         # Skip rows finished meanwhile, or whose step ran on state corrected since.
         rows = [(run, slot) for run, slot in launch.rows if not run.released and launch.number >= run.valid_from]
         overflowing = [(run, slot) for run, slot in rows if results[slot][1]]
@@ -415,9 +465,10 @@ class CudaBatch:
                     run.valid_from = self._launches + 1
             except Exception as exc:
                 engine.fail([request], exc, "sampling")
-                finished = True
-            if finished:
                 self._release(run)
+                continue
+            if finished:
+                self._complete(run)
 
     def _resample(self, rows: list[tuple[Running, int]], launch: Launch) -> list[int]:
         """Exact full-vocabulary samples for rows whose nucleus outgrew the candidates.
@@ -426,7 +477,7 @@ class CudaBatch:
         they were stashed before it ran (or, should that not be so, they are recomputed from the
         rows' cached state with eager steps).
         """
-        slots = torch.tensor([slot for _, slot in rows], device=self.device)
+        slots = to_device([slot for _, slot in rows], self.device)
         if self._inflight is None or self._inflight.number == launch.number:
             logits = self.graphs.logits.index_select(0, slots)
         elif self._stashed == launch.number:
@@ -451,17 +502,22 @@ class CudaEngine(Engine):
 
     def __init__(self, model: Any, tokenizer: Any = None, *, model_id: str = "local", max_concurrent: int = 256,
                  max_queue: int = 1024, max_prompt_tokens: int = 4096, max_tokens_limit: int = 2048,
-                 prefill_budget_tokens: int = DEFAULT_CUDA_PREFILL_BUDGET_TOKENS, name: str = "cuda-engine",
+                 context_tokens: int = 0, prefill_budget_tokens: int | None = None, name: str = "cuda-engine",
                  use_graphs: bool | None = None, use_compile: bool | None = None,
-                 kv_memory_bytes: int | None = None, progress: bool = False, **limits: Any) -> None:
+                 kv_memory_bytes: int | None = None, prefix_cache_bytes: int | None = None,
+                 prefix_block_tokens: int = DEFAULT_BLOCK_TOKENS, compile_cache: Path | None = None,
+                 progress: bool = False, fp16_weights: bool = False, **limits: Any) -> None:
         self.batch = CudaBatch(model, model_id=model_id, slots=max_concurrent, max_prompt_tokens=max_prompt_tokens,
-                               max_tokens_limit=max_tokens_limit, prefill_budget_tokens=prefill_budget_tokens,
-                               name=name, use_graphs=use_graphs, use_compile=use_compile,
-                               kv_memory_bytes=kv_memory_bytes, progress=progress)
+                               max_tokens_limit=max_tokens_limit, context_tokens=context_tokens,
+                               prefill_budget_tokens=prefill_budget_tokens, name=name, use_graphs=use_graphs,
+                               use_compile=use_compile, kv_memory_bytes=kv_memory_bytes,
+                               prefix_cache_bytes=prefix_cache_bytes, prefix_block_tokens=prefix_block_tokens,
+                               compile_cache=compile_cache, progress=progress, fp16_weights=fp16_weights)
         super().__init__(self.batch, decode=None if tokenizer is None else HFText(tokenizer).decode, model_id=model_id,
                          max_concurrent=max_concurrent, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens,
-                         max_tokens_limit=max_tokens_limit, prefill_budget_tokens=prefill_budget_tokens, name=name,
-                         **limits)
+                         max_tokens_limit=max_tokens_limit,
+                         prefill_budget_tokens=prefill_budget_tokens or DEFAULT_CUDA_PREFILL_BUDGET_TOKENS,
+                         name=name, **limits)
 
     @classmethod
     def from_loaded(cls, loaded: Any, **limits: Any) -> Self:
@@ -475,6 +531,22 @@ class CudaEngine(Engine):
     @property
     def max_len(self) -> int:
         return self.batch.max_len
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.batch.kv_cache_bytes
+
+    @property
+    def overflow_rows(self) -> int:
+        return self.batch.overflow_rows
+
+    @property
+    def warmup_breakdown(self) -> dict[str, float]:
+        return self.batch.warmup_breakdown
+
+    def load_info(self) -> dict[str, int]:
+        """The engine's load plus the KV and prefix-store counters."""
+        return {**super().load_info(), **self.batch.stats()}
 
     async def wait_ready(self) -> float:
         """Start the worker and wait until warm-up is over; returns the warm-up seconds."""

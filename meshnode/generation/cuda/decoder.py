@@ -5,7 +5,10 @@ transformers module's parameters. q/k/v and gate/up projections are fused into o
 (the module's own weights become views of them, so no memory is duplicated and the transformers
 model stays usable). The cache is one tensor ``[layers, slots, 2, kv_heads, max_len + 1, head_dim]``;
 column ``max_len`` is a scratch column where idle slots "decode", so an idle row never touches a
-real position.
+real position. Three forwards share the weights: :meth:`SlotDecoder.decode` (one token per slot),
+:meth:`SlotDecoder.prefill_fresh` (first prompt chunks, attending to themselves) and
+:meth:`SlotDecoder.prefill_cached` (chunks after cached positions: a reused prefix, a long prompt's
+later chunks); all three are free of host synchronisation, so they can be captured in CUDA graphs.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the usual alias
 
 from meshnode.errors import ModelError
+from meshnode.generation.cuda.hostcopy import to_device
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "SlotDecoder", "supports_model"]
 
@@ -97,18 +101,36 @@ def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def _additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where ``visible``, -inf elsewhere, in the attention's dtype."""
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
+
+
 @dataclass(frozen=True)
 class _Layer:
-    """One decoder layer's (fused) parameters."""
+    """One decoder layer's (fused) parameters; the projections are tensors, or fp16-packed
+    weights (see :meth:`SlotDecoder.pack_fp16`) whose bias is packed with them."""
 
     norm_in: torch.Tensor
-    qkv_weight: torch.Tensor
+    qkv_weight: Any
     qkv_bias: torch.Tensor | None
-    out_weight: torch.Tensor
+    out_weight: Any
     out_bias: torch.Tensor | None
     norm_mlp: torch.Tensor
-    gate_up_weight: torch.Tensor
-    down_weight: torch.Tensor
+    gate_up_weight: Any
+    down_weight: Any
+
+
+def _linear(x: torch.Tensor, weight: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias``: a dense tensor, or fbgemm fp16-packed weights (bias inside)."""
+    if isinstance(weight, torch.Tensor):
+        return F.linear(x, weight, bias)
+    return torch.ops.quantized.linear_dynamic_fp16(x, weight)  # type: ignore[no-any-return]
+
+
+def fp16_packing_available(device: torch.device) -> bool:
+    """fbgemm's fp16-weight GEMM exists here (x86 CPU builds of torch)."""
+    return device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
 
 
 def _fuse(modules: Sequence[Any], attribute: str) -> torch.Tensor | None:
@@ -165,6 +187,8 @@ class SlotDecoder:
         self.embed = inner.embed_tokens.weight
         self.final_norm = inner.norm.weight
         self.lm_head = model.lm_head.weight
+        self.head: Any = self.lm_head
+        """What the logits are computed with: ``lm_head``, or its fp16-packed copy."""
         self.vocab = int(self.lm_head.shape[0])
         self.device = self.embed.device
         self.dtype = self.embed.dtype
@@ -210,12 +234,12 @@ class SlotDecoder:
         qkv = (attention.q_proj, attention.k_proj, attention.v_proj)
         return _Layer(
             norm_in=layer.input_layernorm.weight,
-            qkv_weight=_fuse(qkv, "weight"),  # type: ignore[arg-type]
+            qkv_weight=_fuse(qkv, "weight"),
             qkv_bias=_fuse(qkv, "bias"),
             out_weight=attention.o_proj.weight,
             out_bias=attention.o_proj.bias,
             norm_mlp=layer.post_attention_layernorm.weight,
-            gate_up_weight=_fuse((mlp.gate_proj, mlp.up_proj), "weight"),  # type: ignore[arg-type]
+            gate_up_weight=_fuse((mlp.gate_proj, mlp.up_proj), "weight"),
             down_weight=mlp.down_proj.weight,
         )
 
@@ -251,12 +275,13 @@ class SlotDecoder:
         x = F.embedding(tokens, self.embed)
         cos = self.cos[positions][:, None, :]
         sin = self.sin[positions][:, None, :]
+        # One additive mask for every layer (SDPA would convert a boolean one in each call).
         columns = torch.arange(length, device=self.device)
-        mask = (columns[None, :] <= positions[:, None])[:, None, None, :]
+        mask = _additive_mask(columns[None, :] <= positions[:, None], self.dtype)[:, None, None, :]
         group = self.heads // self.kv_heads
         h = self.norm(x, self.layers[0].norm_in, self.eps)
         for index, layer in enumerate(self.layers):
-            qkv = F.linear(h, layer.qkv_weight, layer.qkv_bias)
+            qkv = _linear(h, layer.qkv_weight, layer.qkv_bias)
             q, kv = self.rope(qkv, cos, sin, self.heads, self.kv_heads)
             cache = self.kv[index]
             cache[rows, :, :, positions] = kv
@@ -266,22 +291,56 @@ class SlotDecoder:
             attended = F.scaled_dot_product_attention(
                 q.reshape(batch, self.kv_heads, group, self.head_dim), keys, values, attn_mask=mask
             )
-            out = F.linear(attended.reshape(batch, self.heads * self.head_dim), layer.out_weight, layer.out_bias)
+            out = _linear(attended.reshape(batch, self.heads * self.head_dim), layer.out_weight, layer.out_bias)
             x, h = self.add_norm(x, out, layer.norm_mlp, self.eps)
-            mlp = F.linear(self.silu_mul(F.linear(h, layer.gate_up_weight)), layer.down_weight)
+            mlp = _linear(self.silu_mul(_linear(h, layer.gate_up_weight)), layer.down_weight)
             following = (
                 self.layers[index + 1].norm_in if index + 1 < len(self.layers) else self.final_norm
             )
             x, h = self.add_norm(x, mlp, following, self.eps)
-        torch.mm(h, self.lm_head.t(), out=logits_out)
+        self._logits(h, logits_out)
         return logits_out
+
+    def _logits(self, h: torch.Tensor, out: torch.Tensor) -> None:
+        if isinstance(self.head, torch.Tensor):
+            torch.mm(h, self.head.t(), out=out)
+        else:
+            out.copy_(_linear(h, self.head))
+
+    def pack_fp16(self, model: Any) -> int:
+        """Keep the projections and the head as fp16 weights packed for fbgemm (CPU only).
+
+        On a CPU the decode step streams every weight from memory once per token: half the bytes
+        of fp32 is about twice the speed, and fbgemm's fp16 GEMM accumulates in fp32 (greedy
+        output stays close to fp32; docs/engines.md has the measured agreement). The model's own
+        projection weights are emptied, so their fp32 copies are freed: after this only the
+        decoder can run the model. Returns the bytes freed.
+        """
+        if not fp16_packing_available(self.device) or self.dtype != torch.float32:
+            raise ModelError("fp16 packed weights need a float32 model on an x86 CPU (fbgemm)")
+        pack = torch.ops.quantized.linear_prepack_fp16
+        freed = 0
+        with torch.no_grad():
+            self.layers = [_Layer(norm_in=layer.norm_in, qkv_weight=pack(layer.qkv_weight, layer.qkv_bias),
+                                  qkv_bias=None, out_weight=pack(layer.out_weight, layer.out_bias), out_bias=None,
+                                  norm_mlp=layer.norm_mlp, gate_up_weight=pack(layer.gate_up_weight, None),
+                                  down_weight=pack(layer.down_weight, None)) for layer in self.layers]
+            self.head = pack(self.lm_head, None)
+            for layer in model.model.layers:
+                for module in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                               layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                    freed += module.weight.numel() * module.weight.element_size()
+                    module.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+                    if module.bias is not None:
+                        module.bias = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+        return freed
 
     # -- prefill -----------------------------------------------------------------------------------
 
     def prefill(
         self, tokens: torch.Tensor, slots: torch.Tensor, starts: Sequence[int], lengths: Sequence[int]
     ) -> torch.Tensor:
-        """Run prompt chunks of several rows, write their KV, return each row's last logits.
+        """Run prompt chunks of several rows, write their KV, return each row's last logits (eager).
 
         Args:
             tokens: ``[P, T]`` chunk ids, right-padded.
@@ -292,11 +351,12 @@ class SlotDecoder:
         Returns:
             ``[P, V]`` logits at each chunk's last valid token.
         """
-        length_t = torch.tensor(list(lengths), device=self.device)
+        length_t = to_device(list(lengths), self.device)
+        out = torch.empty(tokens.shape[0], self.vocab, device=self.device, dtype=self.dtype)
         if not any(starts):
-            out = torch.empty(tokens.shape[0], self.vocab, device=self.device, dtype=self.dtype)
             return self.prefill_fresh(tokens, slots, length_t, out)
-        return self._prefill_continued(tokens, slots, starts, lengths, length_t)
+        span = max(s + n for s, n in zip(starts, lengths, strict=True))
+        return self.prefill_cached(tokens, slots, to_device(list(starts), self.device), length_t, span, out)
 
     def prefill_fresh(
         self, tokens: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor, logits_out: torch.Tensor
@@ -322,7 +382,7 @@ class SlotDecoder:
         slot_rows = slots[:, None].expand(count, width)
         h = _rms_norm(x, self.layers[0].norm_in, self.eps)
         for index, layer in enumerate(self.layers):
-            qkv = F.linear(h, layer.qkv_weight, layer.qkv_bias)
+            qkv = _linear(h, layer.qkv_weight, layer.qkv_bias)
             q, kv = _rope_split(qkv, cos, sin, self.heads, self.kv_heads)
             self.kv[index][slot_rows, :, :, positions] = kv
             # A first chunk attends to itself only: causal attention over its own keys (padding
@@ -336,7 +396,7 @@ class SlotDecoder:
             )
             x, h = self._prefill_tail(index, layer, x, attended, count, width)
         last = h[torch.arange(count, device=self.device), lengths - 1]
-        torch.mm(last, self.lm_head.t(), out=logits_out)
+        self._logits(last, logits_out)
         return logits_out
 
     def _prefill_tail(
@@ -344,47 +404,67 @@ class SlotDecoder:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Output projection, MLP and the next norm of one prefill layer."""
         attended = attended.transpose(1, 2).reshape(count, width, self.heads * self.head_dim)
-        out = F.linear(attended, layer.out_weight, layer.out_bias)
+        out = _linear(attended, layer.out_weight, layer.out_bias)
         x, h = _add_rms_norm(x, out, layer.norm_mlp, self.eps)
-        mlp = F.linear(_silu_mul(F.linear(h, layer.gate_up_weight)), layer.down_weight)
+        mlp = _linear(_silu_mul(_linear(h, layer.gate_up_weight)), layer.down_weight)
         following = self.layers[index + 1].norm_in if index + 1 < len(self.layers) else self.final_norm
         return _add_rms_norm(x, mlp, following, self.eps)
 
-    def _prefill_continued(
+    def prefill_cached(
         self,
         tokens: torch.Tensor,
         slots: torch.Tensor,
-        starts: Sequence[int],
-        lengths: Sequence[int],
-        length_t: torch.Tensor,
+        starts: torch.Tensor,
+        lengths: torch.Tensor,
+        span: int,
+        logits_out: torch.Tensor,
     ) -> torch.Tensor:
-        """Later chunks of long prompts: attend to the cached prefix too (eager)."""
+        """Chunks that continue cached positions (a reused prefix, a long prompt's later chunks);
+        no host synchronisation, graph-capturable.
+
+        Args:
+            tokens: ``[P, T]`` ids, right-padded.
+            slots: ``[P]`` cache rows.
+            starts: ``[P]`` position of each chunk's first token (positions before it are cached).
+            lengths: ``[P]`` valid tokens per row; 0 = a padding row (writes its slot's scratch
+                column only; its logits are garbage).
+            span: Attention reads cache columns ``0..span-1``; at least every ``start + length``.
+            logits_out: ``[P, V]`` buffer for the logits at each row's last valid token.
+
+        Returns:
+            ``logits_out``.
+        """
         count, width = tokens.shape
         device = self.device
         offsets = torch.arange(width, device=device)
-        start_t = torch.tensor(list(starts), device=device)
-        valid = offsets[None, :] < length_t[:, None]
-        positions = torch.where(valid, start_t[:, None] + offsets[None, :], self.scratch)
+        valid = offsets[None, :] < lengths[:, None]
+        positions = torch.where(valid, starts[:, None] + offsets[None, :], self.scratch)
         x = F.embedding(tokens, self.embed)
         cos = self.cos[positions][:, :, None, :]
         sin = self.sin[positions][:, :, None, :]
-        span = max(s + n for s, n in zip(starts, lengths, strict=True))
         columns = torch.arange(span, device=device)
-        mask = (columns[None, None, :] <= positions[:, :, None])[:, None, :, :]
+        group = self.heads // self.kv_heads
+        # GQA by folding: a kv head's query heads x tokens become its query rows, so SDPA keeps a
+        # fused kernel (with enable_gqa and an explicit mask it would fall back to the math one).
+        # Padding tokens sit at the scratch position, past every column: they see all (garbage, finite).
+        visible = columns[None, None, :] <= positions[:, :, None]
+        mask = _additive_mask(visible, self.dtype)[:, None, None].expand(count, 1, group, width, span)
+        mask = mask.reshape(count, 1, group * width, span)
         slot_rows = slots[:, None].expand(count, width)
         h = _rms_norm(x, self.layers[0].norm_in, self.eps)
         for index, layer in enumerate(self.layers):
-            qkv = F.linear(h, layer.qkv_weight, layer.qkv_bias)
+            qkv = _linear(h, layer.qkv_weight, layer.qkv_bias)
             q, kv = _rope_split(qkv, cos, sin, self.heads, self.kv_heads)
             cache = self.kv[index]
             cache[slot_rows, :, :, positions] = kv
             window = cache.narrow(3, 0, span).index_select(0, slots)
-            attended = F.scaled_dot_product_attention(
-                q.transpose(1, 2), window[:, 0], window[:, 1], attn_mask=mask, enable_gqa=True
-            )
+            folded = q.transpose(1, 2).reshape(count, self.kv_heads, group * width, self.head_dim)
+            attended = F.scaled_dot_product_attention(folded, window[:, 0], window[:, 1], attn_mask=mask)
+            attended = attended.reshape(count, self.heads, width, self.head_dim)  # SDPA may return strided
             x, h = self._prefill_tail(index, layer, x, attended, count, width)
-        last = h[torch.arange(count, device=device), length_t - 1]
-        return F.linear(last, self.lm_head)
+        last = h[torch.arange(count, device=device), lengths - 1]
+        self._logits(last, logits_out)
+        return logits_out
 
     def move_row(self, source: int, target: int, used: int) -> None:
         """Copy the first ``used`` cached positions of row ``source`` into row ``target``."""

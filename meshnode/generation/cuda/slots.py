@@ -9,10 +9,11 @@ from typing import Any
 import torch
 
 from meshnode.generation.api import SamplingParams
+from meshnode.generation.cuda.sampler import SAMPLING_CANDIDATES
 from meshnode.generation.engine import Request
 
 __all__ = ["ACTIVE", "COUNTER", "KEY", "POSITION", "RESULT_BUFFERS", "TEMPERATURE", "TOKEN", "TOP_K", "TOP_P",
-           "Launch", "Running", "SlotState", "bucket", "buckets"]
+           "FirstToken", "Launch", "Running", "SlotState", "bucket", "buckets", "may_overflow"]
 
 TOKEN, POSITION, ACTIVE, TOP_K, KEY, COUNTER = range(6)
 """Integer columns of :attr:`SlotState.ints`."""
@@ -69,6 +70,10 @@ class SlotState:
             self.floats[target].copy_(self.floats[source])
         self.clear_row(source)
 
+    def set_tokens(self, slots: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Write device-side tokens into rows (after :meth:`apply` of those rows; stream-ordered)."""
+        self.ints[:, TOKEN].index_copy_(0, slots, tokens)
+
     def apply(self) -> None:
         """Write the pending rows to the device (stream-ordered, no host synchronisation)."""
         if not self.pending:
@@ -85,6 +90,23 @@ class SlotState:
         self.floats.index_copy_(0, index, floats.to(self.device, non_blocking=True))
 
 
+def may_overflow(params: SamplingParams) -> bool:
+    """Whether a row's top-k/top-p may outgrow the sampler's candidates (an exact resample may follow)."""
+    return not params.greedy and (params.top_k > SAMPLING_CANDIDATES or (params.top_p < 1 and params.top_k == 0))
+
+
+@dataclass(frozen=True, eq=False)
+class FirstToken:
+    """A prompt's first token, sampled on the device and read back with the row's first decode step."""
+
+    host: torch.Tensor
+    """Pinned ``[rows, (id, overflow flag)]`` buffer the prefill batch's picks are copied into."""
+    index: int
+    """This row's index in ``host``."""
+    logits: torch.Tensor | None
+    """The row's prefill logits, kept only when an exact resample may be needed."""
+
+
 @dataclass(eq=False)
 class Running:
     """Worker-side slot bookkeeping of one admitted request."""
@@ -98,6 +120,8 @@ class Running:
     released: bool = False
     valid_from: int = 0
     """First step launch whose result for this row counts (earlier ones ran on stale state)."""
+    first: FirstToken | None = None
+    """The first token, until the launch it arrives with is processed."""
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,0 +1,88 @@
+"""The CPU fast path: the slot engine with fbgemm fp16-packed weights (issue 15), on tiny models."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import torch
+
+from bench.lab.fakes import CharTokenizer
+from meshnode.generation.api import SamplingParams
+from meshnode.generation.cuda.backend import CudaEngine
+from meshnode.generation.cuda.decoder import SlotDecoder, fp16_packing_available
+from meshnode.generation.factory import build_engine
+from meshnode.generation.models import LoadedModel
+from meshnode.generation.torch_backend import TorchEngine
+from meshnode.settings import EngineSettings
+from tests.unit.test_cuda_engine import prompt, run, tiny_llama, tiny_qwen
+
+pytestmark = pytest.mark.skipif(not fp16_packing_available(torch.device("cpu")), reason="needs fbgemm (x86 CPU)")
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen], ids=["llama", "qwen2"])
+def test_fp16_packed_logits_stay_close_to_float32(factory: Any) -> None:
+    exact = SlotDecoder(factory(), slots=2, max_len=64)
+    model = factory()
+    packed = SlotDecoder(model, slots=2, max_len=64)
+    freed = packed.pack_fp16(model)
+    assert freed > 0 and all(layer.mlp.down_proj.weight.numel() == 0 for layer in model.model.layers)
+    tokens = torch.tensor([prompt(3)])
+    with torch.no_grad():
+        a = exact.prefill(tokens, torch.tensor([0]), [0], [tokens.shape[1]])
+        b = packed.prefill(tokens, torch.tensor([0]), [0], [tokens.shape[1]])
+        step_a = exact.decode(torch.tensor([5, 0]), torch.tensor([tokens.shape[1], 64]), tokens.shape[1] + 1,
+                              torch.empty(2, exact.vocab))
+        step_b = packed.decode(torch.tensor([5, 0]), torch.tensor([tokens.shape[1], 64]), tokens.shape[1] + 1,
+                               torch.empty(2, packed.vocab))
+    scale = a.abs().max()
+    assert (a - b).abs().max() < 0.01 * scale  # fp16 weights, fp32 accumulation
+    assert (step_a[0] - step_b[0]).abs().max() < 0.01 * scale
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+def test_packing_refuses_what_fbgemm_cannot_run() -> None:
+    from meshnode.errors import ModelError
+
+    model = tiny_llama().to(torch.float64)
+    with pytest.raises(ModelError, match="float32"):
+        SlotDecoder(model, slots=1, max_len=32).pack_fp16(model)
+
+
+def test_fp16_engine_batches_like_it_runs_alone() -> None:
+    """Continuous batching on the packed weights: each stream's greedy tokens are the same as
+    when it runs alone (rows do not leak into each other)."""
+
+    async def collect(engine: CudaEngine, ids: list[int]) -> list[int]:
+        out: list[int] = []
+        async with engine.generate(ids, SamplingParams(temperature=0.0, max_tokens=12)) as stream:
+            async for chunk in stream:
+                out.extend(chunk.ids)
+        return out
+
+    async def main() -> tuple[list[list[int]], list[list[int]]]:
+        engine = CudaEngine(tiny_llama(), CharTokenizer(), model_id="tiny", max_concurrent=4, max_queue=8,
+                            max_prompt_tokens=64, max_tokens_limit=64, fp16_weights=True)
+        try:
+            alone = [await collect(engine, prompt(i)) for i in range(3)]
+            together = list(await asyncio.gather(*(collect(engine, prompt(i)) for i in range(3))))
+        finally:
+            await engine.close()
+        assert engine.batch.fp16_weights
+        return alone, together
+
+    alone, together = run(main())
+    assert together == alone and all(len(ids) == 12 for ids in alone)
+
+
+def test_the_factory_picks_the_fast_path_on_a_cpu() -> None:
+    def loaded(model: Any) -> LoadedModel:
+        return LoadedModel(model=model, tokenizer=CharTokenizer(), model_id="tiny", device=torch.device("cpu"),
+                           dtype=next(model.parameters()).dtype, eos_ids=())
+
+    settings = EngineSettings(max_prompt_tokens=64, max_tokens=64)
+    fast = build_engine(loaded(tiny_llama()), settings, progress=False)
+    assert isinstance(fast, CudaEngine) and fast.batch.fp16_weights and fast.max_concurrent == 8
+    other = build_engine(loaded(tiny_llama().to(torch.float64)), settings, progress=False)
+    assert isinstance(other, TorchEngine)  # nothing fbgemm can pack: the torch engine, unchanged
