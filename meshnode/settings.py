@@ -63,6 +63,15 @@ class ModelSettings:
     fp32; fp16 on MPS)."""
     cache_dir: str = ""
     """Where converted models are cached; empty = $XDG_CACHE_HOME/meshnode or ~/.cache/meshnode."""
+    device_map: str = ""
+    """Spread a model too big for one GPU over the GPUs (and the CPU) with accelerate: auto |
+    balanced | balanced_low_0 | sequential; empty = the whole model on model.device (which must
+    stay auto with a map). Served by the torch engine (continuous batching), not the CUDA-graph
+    engine; a model that would need disk offload is refused before loading."""
+    max_memory: str = ""
+    """With device_map: most weight bytes per device, e.g. "0=20GiB,1=20GiB,cpu=64GiB" (a GPU index,
+    cpu or mps; B, KB, MB, GB, KiB, MiB, GiB); only the devices named are used; empty = the free
+    memory of every device. It bounds the weights only: leave room for the KV cache."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -211,6 +211,7 @@ def _validate(settings: Settings, sources: dict[Key, str]) -> None:
                 ("limits", "ban_seconds")]:
         if getattr(getattr(settings, key[0]), key[1]) < 0:
             raise bad(key, "must not be negative (0 turns it off)")
+    _validate_placement(settings, sources, bad)
     _validate_upstreams(settings, sources, bad)
     limits = settings.limits
     if limits.max_message_bytes > limits.max_pending_bytes_per_peer:
@@ -219,6 +220,25 @@ def _validate(settings: Settings, sources: dict[Key, str]) -> None:
         raise bad(("room", "room"), "must not be empty")
     if not 0 < settings.http.port < 65536:
         raise bad(("http", "port"), "must be a TCP port")
+
+
+def _validate_placement(settings: Settings, sources: dict[Key, str], bad: Callable[[Key, str], ConfigError]) -> None:
+    """model.device_map is one of accelerate's strategies, max_memory parses, and neither comes alone
+    with a setting it contradicts (a fixed device; a budget without a map)."""
+    from meshnode.generation.placement import DEVICE_MAPS, parse_max_memory
+
+    model = settings.model
+    if model.device_map and model.device_map not in DEVICE_MAPS:
+        raise bad(("model", "device_map"), f"must be one of {', '.join(DEVICE_MAPS)} (or empty: one device)")
+    try:
+        parse_max_memory(model.max_memory)
+    except ValueError as exc:
+        raise bad(("model", "max_memory"), str(exc)) from None
+    if model.max_memory and not model.device_map:
+        raise bad(("model", "max_memory"), "needs model.device_map (--device-map auto)")
+    if model.device_map and model.device != "auto":
+        raise bad(("model", "device"), f"must stay auto with model.device_map (from "
+                  f"{sources[('model', 'device_map')]}): the map places the model itself")
 
 
 def _validate_upstreams(settings: Settings, sources: dict[Key, str], bad: Callable[[Key, str], ConfigError]) -> None:
@@ -239,7 +259,8 @@ def _validate_upstreams(settings: Settings, sources: dict[Key, str], bad: Callab
             raise bad(("engine", "upstreams"), str(exc)) from None
     defaults = Settings()
     local_only = [("model", "model"), ("model", "device"), ("model", "dtype"), ("model", "cache_dir"),
-                  ("engine", "max_prompt_tokens"), ("engine", "max_batch_tokens")]
+                  ("model", "device_map"), ("model", "max_memory"), ("engine", "max_prompt_tokens"),
+                  ("engine", "max_batch_tokens")]
     for key in local_only:
         value = getattr(getattr(settings, key[0]), key[1])
         if (key == ("model", "model") and sources[key] != "default") or value != getattr(

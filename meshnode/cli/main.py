@@ -15,6 +15,7 @@ from typing import Any
 from meshnode import __version__
 from meshnode.cli.benchlab import lab_module
 from meshnode.errors import ConfigError, MeshError
+from meshnode.generation.placement import DEVICE_MAPS
 
 logger = logging.getLogger("meshnode.cli.main")
 
@@ -24,6 +25,8 @@ FLAG_KEYS: dict[str, tuple[str, str]] = {
     "device": ("model", "device"),
     "dtype": ("model", "dtype"),
     "cache_dir": ("model", "cache_dir"),
+    "device_map": ("model", "device_map"),
+    "max_memory": ("model", "max_memory"),
     "max_concurrent": ("engine", "max_concurrent"),
     "max_queue": ("engine", "max_queue"),
     "max_prompt_tokens": ("engine", "max_prompt_tokens"),
@@ -63,6 +66,12 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps")
     group.add_argument("--dtype", help="auto, bfloat16, float16 or float32")
     group.add_argument("--cache-dir", help="where converted models are cached")
+    group.add_argument("--device-map", choices=DEVICE_MAPS,
+                       help="spread a model too big for one GPU over the GPUs (and the CPU) with accelerate; "
+                            "served by the torch engine")
+    group.add_argument("--max-memory", metavar="DEV=SIZE,...",
+                       help="with --device-map: most weight bytes per device, e.g. 0=20GiB,1=20GiB,cpu=64GiB "
+                            "(only the devices named are used)")
     group.add_argument("--max-concurrent", type=int, metavar="N",
                        help="streams decoded together (default 0 = auto: 64 on the CUDA engine, 8 otherwise)")
     group.add_argument("--max-queue", type=int, metavar="N", help="requests that may wait for a slot")
@@ -146,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(join)
 
     ask = sub.add_parser("ask", help="ask a meshnode in a room for a completion",
-                         description="Join a room, find a peer serving engine_run (lowest load), call it and "
+                         description="Join a room, find a peer serving engine_run (as tabs do: the freshest "
+                                     "available cap), call it and "
                                      "print the text as frames stream in.")
     ask.add_argument("prompt", help="the user message")
     ask.add_argument("--system", help="system prompt")

@@ -13,6 +13,7 @@ from meshnode.generation.api import Backend
 from meshnode.generation.engine import Engine
 from meshnode.generation.local import LocalBackend
 from meshnode.generation.modelinfo import ModelInfo
+from meshnode.generation.placement import Placement, parse_max_memory
 from meshnode.generation.remote.backend import RemoteBackend, RemoteSettings
 from meshnode.generation.remote.tokenizer import LocalTokenizer
 from meshnode.generation.remote.upstream import parse_upstream
@@ -40,7 +41,8 @@ def resolve_max_concurrent(configured: int, cuda_engine: bool) -> int:
 def build_engine(loaded: Any, engine: EngineSettings, *, progress: bool = True,
                  cache_dir: Path | None = None) -> Engine:
     """The engine for a loaded model: the slot engine where it supports the model (CUDA graphs on
-    a GPU; fp16-packed weights on an x86 CPU), else the torch engine (MPS, other architectures).
+    a GPU; fp16-packed weights on an x86 CPU), else the torch engine (MPS, other architectures, and
+    a model that a device map spread over several devices: the slot cache and graphs assume one).
 
     ``cache_dir`` is meshnode's cache folder; the CUDA engine keeps torch.compile's artifacts in
     its ``compile`` subfolder (``engine.compile_cache``).
@@ -52,7 +54,7 @@ def build_engine(loaded: Any, engine: EngineSettings, *, progress: bool = True,
     limits: dict[str, Any] = {"max_queue": engine.max_queue, "max_prompt_tokens": engine.max_prompt_tokens,
                               "max_tokens_limit": engine.max_tokens, "max_batch_tokens": engine.max_batch_tokens}
     cuda = loaded.device.type == "cuda"
-    if cuda or loaded.device.type == "cpu":
+    if (cuda or loaded.device.type == "cpu") and loaded.device_map is None:
         from meshnode.generation.cuda.backend import CudaEngine  # noqa: PLC0415
         from meshnode.generation.cuda.decoder import fp16_packing_available, supports_model  # noqa: PLC0415
 
@@ -77,7 +79,10 @@ def _load(model: ModelSettings, progress: bool) -> tuple[Any, Path]:
     from meshnode.generation.models import default_cache_dir, resolve_model  # noqa: PLC0415 - torch loads here
 
     cache_dir = Path(model.cache_dir).expanduser() if model.cache_dir else default_cache_dir()
-    loaded = resolve_model(model.model, cache_dir=cache_dir, device=model.device, dtype=model.dtype, progress=progress)
+    placement = Placement(device_map=model.device_map, max_memory=parse_max_memory(model.max_memory)
+                          ) if model.device_map else None
+    loaded = resolve_model(model.model, cache_dir=cache_dir, device=model.device, dtype=model.dtype, progress=progress,
+                           placement=placement)
     return loaded, cache_dir
 
 

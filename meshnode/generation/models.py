@@ -20,13 +20,14 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from meshnode.errors import ModelError
+from meshnode.generation.placement import Placement, device_map_kwargs, execution_device
 
 __all__ = [
     "EMBEDDED_MODEL_ID",
@@ -65,15 +66,9 @@ MARKER_FILE = "meshnode.json"
 STALE_TEMP_SECONDS = 3600.0
 """Temporary conversion folders older than this are left-overs of killed runs and are removed."""
 
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-}
+_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                                   "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+                                   "half": torch.float16}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,6 +91,9 @@ class LoadedModel:
     """Folder the weights were loaded from (``None`` when loaded from the hub cache by id)."""
     load_seconds: float = 0.0
     """Wall time spent in :func:`resolve_model`, conversion included."""
+    device_map: dict[str, int | str] | None = None
+    """Where accelerate placed each module (``[model] device_map``); None: all on :attr:`device`,
+    which is then where the inputs go (the input embeddings' execution device)."""
 
 
 def default_cache_dir(env: Mapping[str, str] | None = None) -> Path:
@@ -238,6 +236,7 @@ def resolve_model(
     dtype: str | torch.dtype | None = "auto",
     offline: bool | None = None,
     progress: bool = True,
+    placement: Placement | None = None,
 ) -> LoadedModel:
     """Find and load a causal LM and its tokenizer.
 
@@ -250,6 +249,8 @@ def resolve_model(
         offline: Load hub ids only from the local Hugging Face cache. ``None`` follows
             ``huggingface_hub``'s own ``HF_HUB_OFFLINE`` setting.
         progress: Show a progress bar while converting the embedded model.
+        placement: Spread the model over the GPUs (and the CPU) with accelerate instead of putting
+            it on one device; `device` must then be ``"auto"``.
 
     Returns:
         The loaded model.
@@ -258,46 +259,37 @@ def resolve_model(
         ModelError: The model cannot be found, converted or loaded.
     """
     started = time.perf_counter()
+    if placement is not None and device not in (None, "auto"):
+        raise ModelError(f"device {device!r} and device_map {placement.device_map!r}: the device map places the "
+                         "model itself, leave the device at auto")
     chosen_device = pick_device(device)
     chosen_dtype = pick_dtype(dtype, chosen_device)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
 
     if spec is None or spec.strip().lower() in EMBEDDED_SPECS:
         folder = ensure_embedded(root, chosen_dtype, progress=progress)
-        loaded = _load_folder(folder, chosen_device, chosen_dtype, model_id=EMBEDDED_MODEL_ID)
+        loaded = _load_folder(folder, chosen_device, chosen_dtype, model_id=EMBEDDED_MODEL_ID, placement=placement)
     else:
         path = Path(spec).expanduser()
         if path.is_dir():
             if not (path / "config.json").is_file():
                 raise ModelError(f"model folder {path} has no config.json")
-            loaded = _load_folder(path, chosen_device, chosen_dtype, model_id=None)
+            loaded = _load_folder(path, chosen_device, chosen_dtype, model_id=None, placement=placement)
         elif path.is_file() and path.suffix == ".gguf":
+            if placement is not None:
+                raise ModelError(f"{path}: a device map needs a model folder or hub id, not a .gguf file")
             loaded = _load_gguf_file(path, chosen_device, chosen_dtype)
         elif path.exists():
             raise ModelError(f"model path {path} is neither a folder with config.json nor a .gguf")
         elif spec.startswith((".", "/", "~")) or spec.endswith(".gguf"):
             raise ModelError(f"model path {path} does not exist")
         else:
-            loaded = _load_hub(spec, chosen_device, chosen_dtype, offline=offline)
+            loaded = _load_hub(spec, chosen_device, chosen_dtype, offline=offline, placement=placement)
 
     elapsed = time.perf_counter() - started
-    logger.info(
-        "model %s ready on %s (%s) in %.1f s",
-        loaded.model_id,
-        loaded.device,
-        dtype_name(loaded.dtype),
-        elapsed,
-    )
-    return LoadedModel(
-        model=loaded.model,
-        tokenizer=loaded.tokenizer,
-        model_id=loaded.model_id,
-        device=loaded.device,
-        dtype=loaded.dtype,
-        eos_ids=loaded.eos_ids,
-        source=loaded.source,
-        load_seconds=elapsed,
-    )
+    logger.info("model %s ready on %s (%s) in %.1f s", loaded.model_id,
+                "several devices" if loaded.device_map else loaded.device, dtype_name(loaded.dtype), elapsed)
+    return replace(loaded, load_seconds=elapsed)
 
 
 def ensure_embedded(cache_dir: Path, dtype: torch.dtype, *, progress: bool = True) -> Path:
@@ -475,7 +467,7 @@ def _remove_stale_temps(target: Path) -> None:
 
 
 def _load_folder(
-    folder: Path, device: torch.device, dtype: torch.dtype, *, model_id: str | None
+    folder: Path, device: torch.device, dtype: torch.dtype, *, model_id: str | None, placement: Placement | None
 ) -> LoadedModel:
     """Load a ``save_pretrained`` folder (a converted cache or any local model)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 - heavy import
@@ -484,11 +476,12 @@ def _load_folder(
         model_id = _marker_model_id(folder) or folder.resolve().name
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        placed = device_map_kwargs(str(folder), dtype, placement, model_id=model_id)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **placed)
     except (OSError, ValueError, KeyError) as exc:
         # transformers raises OSError for missing files, ValueError/KeyError for unknown configs.
         raise ModelError(f"cannot load model from {folder}: {exc}") from exc
-    return _finish(model, tokenizer, model_id, device, dtype, folder)
+    return _finish(model, tokenizer, model_id, device, dtype, folder, placed.get("device_map"))
 
 
 def _load_gguf_file(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
@@ -511,7 +504,7 @@ def _load_gguf_file(path: Path, device: torch.device, dtype: torch.dtype) -> Loa
 
 
 def _load_hub(
-    model_id: str, device: torch.device, dtype: torch.dtype, *, offline: bool | None
+    model_id: str, device: torch.device, dtype: torch.dtype, *, offline: bool | None, placement: Placement | None
 ) -> LoadedModel:
     """Load a hub id, from the local Hugging Face cache only when offline."""
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 - heavy import
@@ -522,7 +515,8 @@ def _load_hub(
         offline = bool(constants.HF_HUB_OFFLINE)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id, local_files_only=offline)
-        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, local_files_only=offline)
+        placed = device_map_kwargs(model_id, dtype, placement, model_id=model_id, local_files_only=offline)
+        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, local_files_only=offline, **placed)
     except (OSError, ValueError, KeyError) as exc:
         # OSError covers "not in cache" (offline) and "no such repo"; ValueError unknown configs.
         if offline:
@@ -532,7 +526,7 @@ def _load_hub(
                 "folder, or use the embedded model"
             ) from exc
         raise ModelError(f"cannot load model {model_id!r} from the Hugging Face hub: {exc}") from exc
-    return _finish(model, tokenizer, model_id, device, dtype, None)
+    return _finish(model, tokenizer, model_id, device, dtype, None, placed.get("device_map"))
 
 
 def _finish(
@@ -542,12 +536,17 @@ def _finish(
     device: torch.device,
     dtype: torch.dtype,
     source: Path | None,
+    device_map: dict[str, int | str] | None = None,
 ) -> LoadedModel:
-    """Move to the device, switch to eval mode and collect the EOS ids."""
-    try:
-        model = model.to(device=device, dtype=dtype)
-    except RuntimeError as exc:  # out of memory, unsupported dtype on the device
-        raise ModelError(f"cannot move {model_id} to {device} as {dtype_name(dtype)}: {exc}") from exc
+    """Move to the device (unless loaded onto the devices of `device_map`), switch to eval mode and
+    collect the EOS ids."""
+    if device_map is not None:
+        device = execution_device(model)
+    else:
+        try:
+            model = model.to(device=device, dtype=dtype)
+        except RuntimeError as exc:  # out of memory, unsupported dtype on the device
+            raise ModelError(f"cannot move {model_id} to {device} as {dtype_name(dtype)}: {exc}") from exc
     model.eval()
     return LoadedModel(
         model=model,
@@ -557,6 +556,7 @@ def _finish(
         dtype=dtype,
         eos_ids=collect_eos_ids(model, tokenizer),
         source=source,
+        device_map=device_map,
     )
 
 

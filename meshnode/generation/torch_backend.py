@@ -8,6 +8,10 @@ rows are removed with an index select, and columns that became padding in every 
 trimmed. Because no row ever sees padding in its own attention, a row's tokens do not depend on
 which other rows share its batch (exactly, in float32). Every request samples with its own
 ``torch.Generator`` (seeded from ``SamplingParams.seed``, or randomly), never the global RNG.
+
+A model spread over several devices by accelerate (``[model] device_map``) is served the same way:
+inputs, the mask and sampling live on the input embeddings' device, and each layer's KV cache on
+the device that layer runs on, so row selection indexes every layer on its own device.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 from meshnode.errors import ModelError
 from meshnode.generation.api import SamplingParams
 from meshnode.generation.engine import Engine, Request
+from meshnode.generation.placement import execution_device
 from meshnode.generation.text import HFText
 
 __all__ = ["TorchBatch", "TorchEngine", "sample_next_token"]
@@ -72,8 +77,8 @@ class TorchBatch:
             ModelError: The model's cache is not a plain full-attention dynamic cache.
         """
         self.model = model
-        self.device: torch.device = next(model.parameters()).device
-        """Where the model runs."""
+        self.device: torch.device = execution_device(model)
+        """Where the inputs go (with a device map, the other layers run elsewhere)."""
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
         self.steps = 0
@@ -131,7 +136,7 @@ class TorchBatch:
             if self._keep_last:
                 kwargs["logits_to_keep"] = 1
             out = self.model(input_ids=inputs, **kwargs)
-            token = sample_next_token(out.logits[0, -1], request.params, request.state)
+            token = sample_next_token(out.logits[0, -1].to(self.device), request.params, request.state)
             engine.started(request)
             if engine.advance(request, token):
                 return
@@ -185,7 +190,7 @@ class TorchBatch:
         self.steps += 1
         self._cache = out.cache
         self._mask = mask
-        logits = out.logits[:, -1, :]
+        logits = out.logits[:, -1, :].to(self.device)  # a no-op unless a device map put lm_head elsewhere
         greedy = logits.argmax(dim=-1).tolist()
         done: list[Request] = []
         for index, request in enumerate(rows):
@@ -222,9 +227,10 @@ class TorchBatch:
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
         mask = self._mask.index_select(0, index)
         first = int(torch.nonzero(mask.any(dim=0))[0])  # trim columns that are padding in every row
-        for layer in self._cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, first:, :]
-            layer.values = layer.values.index_select(0, index)[:, :, first:, :]
+        for layer in self._cache.layers:  # with a device map, each layer's KV sits on its own device
+            on_layer = index.to(layer.keys.device)
+            layer.keys = layer.keys.index_select(0, on_layer)[:, :, first:, :]
+            layer.values = layer.values.index_select(0, on_layer)[:, :, first:, :]
         self._mask = mask[:, first:]
         self._rows = [self._rows[i] for i in keep]
 

@@ -1,8 +1,8 @@
 """LegionClient: the one Python requester of the Legion protocol (``meshnode ask``, the demo, tests, benches).
 
-It reads caps (a roster, and the real selection rule: peers that are ``available`` and list
-``engine_run``, least loaded first), calls tools (:class:`~meshnode.legion.calls.ToolCaller`), and
-records each call's stream as it arrives:
+It reads caps (a roster, and the real Legion core's selection rule, legion-mesh §8: peers that are
+``available`` and list ``engine_run``, the freshest cap first), calls tools
+(:class:`~meshnode.legion.calls.ToolCaller`), and records each call's stream as it arrives:
 
 * ``negotiate=False`` behaves like a real Legion tab: no HELLO; bare Codec frames, exactly one
   msgpack object per ``cf`` message (a message holding more is counted in
@@ -37,7 +37,7 @@ from meshnode.wire.envelopes import DATA, END, HELLO, READY, Envelope, decode_cf
 from meshnode.wire.frames import CodecFrame, StreamDecoder
 from meshnode.wire.maps import Detokenizer, map_sha256, parse_map
 
-__all__ = ["AskError", "CallRecord", "LegionClient", "ask"]
+__all__ = ["AskError", "CallRecord", "LegionClient", "ask", "pick_order"]
 
 logger = logging.getLogger(__name__)
 
@@ -215,23 +215,36 @@ class LegionClient:
     # -- peers -------------------------------------------------------------------------------------
 
     def servers(self) -> list[tuple[str, legion.Cap]]:
-        """Joined peers whose cap is available and lists engine_run, least loaded (then freshest) first."""
-        eligible = [(peer, cap, seen) for peer, (cap, seen) in self.caps.items()
-                    if cap.available and "engine_run" in cap.tools and peer in self.room.peers]
-        eligible.sort(key=lambda item: (item[1].load_ratio, -item[2], item[0]))
-        return [(peer, cap) for peer, cap, _ in eligible]
+        """Joined peers in the order a real tab picks them (:func:`pick_order`)."""
+        joined = {peer: entry for peer, entry in self.caps.items() if peer in self.room.peers}
+        return [(peer, joined[peer][0]) for peer in pick_order(joined)]
 
     async def find_server(self, timeout: float) -> tuple[str, legion.Cap]:
-        """Wait for caps; the best peer that serves engine_run (see :meth:`servers`)."""
+        """Wait for caps; the best peer that serves engine_run (see :meth:`servers`), once the other
+        peers' caps have had CAP_GATHER_SECONDS to arrive too."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self.next_server(timeout)
+                await asyncio.sleep(CAP_GATHER_SECONDS)  # let the other peers' caps arrive too
+        except (TimeoutError, AskError):
+            if not self.servers():
+                raise AskError(f"no peer serving engine_run appeared within {timeout:.0f} s") from None
+        return self.servers()[0]
+
+    async def next_server(self, timeout: float) -> tuple[str, legion.Cap]:
+        """The peer a tab would call now, waiting (bounded) for a cap when none is available (at
+        start, or while every meshnode's cap says busy).
+
+        Raises:
+            AskError: none became available within `timeout` seconds.
+        """
         try:
             async with asyncio.timeout(timeout):
                 while not self.servers():
                     self._cap_seen.clear()
                     await self._cap_seen.wait()
-                await asyncio.sleep(CAP_GATHER_SECONDS)  # let the other peers' caps arrive too
         except TimeoutError:
-            if not self.servers():
-                raise AskError(f"no peer serving engine_run appeared within {timeout:.0f} s") from None
+            raise AskError(f"no available peer serving engine_run within {timeout:.0f} s") from None
         return self.servers()[0]
 
     # -- calls -------------------------------------------------------------------------------------
@@ -299,6 +312,20 @@ class LegionClient:
         document = parse_map(data, expected_sha256=digest)
         await asyncio.to_thread(_write_cached, cache_dir / f"{digest[7:]}.json", data)
         return document
+
+
+def pick_order(caps: dict[str, tuple[legion.Cap, float]]) -> list[str]:
+    """The real Legion core's provider choice (legion-mesh §8, ``findPeersByTool`` +
+    ``pickBestPeer``): peers whose cap is ``available`` and lists ``engine_run``, the freshest cap
+    (latest arrival on the local clock; the sender's ``ts`` is not trusted) first, then by peer id
+    as the Legion chat app breaks ties. The load a meshnode advertises is not read: meshnodes
+    spread calls by saying ``available: false`` while a lighter one is available.
+
+    Args:
+        caps: Peer id → (latest valid cap, when it arrived).
+    """
+    eligible = [(-seen, peer) for peer, (cap, seen) in caps.items() if cap.available and "engine_run" in cap.tools]
+    return [peer for _, peer in sorted(eligible)]
 
 
 def _write_cached(path: Path, data: bytes) -> None:

@@ -2,6 +2,11 @@
 
 * ``cap``: advertise the model and tools on join, to each joining peer, every 30 s and whenever
   availability flips; keep a roster of other peers' caps (:mod:`.roster`), pruned after 90 s.
+* Many meshnodes in one room: tabs call the *freshest available* cap (legion-mesh §8), which
+  alone would send every call to whichever node spoke last. So each meshnode tells the others its
+  load whenever it changes (its cap, unicast to the meshnodes that have shown they serve), and its
+  cap says ``available: false`` while another such meshnode is available and less loaded: calls go
+  to the least loaded nodes, and ``/ai`` elections (lowest load) agree across nodes.
 * ``tc``: ``ping``, ``engine_run`` (validated; per-peer limits, :mod:`.budgets`; refused early when
   it could not finish before the asker gives up, :mod:`.deadline`) and ``codec_map``; the result
   is sent unicast after the stream ends, with the text detokenized here.
@@ -113,6 +118,10 @@ class LegionService:
         self.dropped_peers = 0
         self.strikes = 0
         """Abuse counters (for tests, the soak and metrics)."""
+        self.ai_messages = 0
+        self.ai_answered = 0
+        """``/ai`` chat messages seen, and those this node took (answered, or refused with a chat line);
+        the rest were another node's to answer, or nobody's."""
         # With a link policy, every message goes through its shaping (the uplink's ceiling).
         self._connected: set[str] = set()
         peers = lambda: sorted(self._connected)  # noqa: E731 - whom a shaped broadcast reaches
@@ -136,6 +145,7 @@ class LegionService:
             frames=self._frames, tools=self._tools, meter=self.meter, pacing=pacing, clock=clock,
             on_change=self.notify_load_changed, on_closed=self.budgets.closed)
         self._cap_changed = asyncio.Event()
+        self._load_changed = asyncio.Event()
         self._last_available: bool | None = None
         self._packed_map: str | None = None
 
@@ -161,6 +171,7 @@ class LegionService:
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._heartbeat(), name="legion.cap-heartbeat")
+                group.create_task(self._sync_siblings(), name="legion.cap-siblings")
                 group.create_task(self._receive_loop(self._cap, self._on_cap), name="legion.cap")
                 group.create_task(self._receive_loop(self._tools, self._on_tool), name="legion.tc")
                 group.create_task(self._receive_loop(self._chat_action, self._on_chat), name="legion.cm")
@@ -200,6 +211,7 @@ class LegionService:
         self.hellos.pop(peer_id, None)
         self.outbox.forget(peer_id)
         self.generations.cancel_peer(peer_id, "asker left")
+        self.check_availability()  # a lighter meshnode may have left
 
     # --- cap -------------------------------------------------------------------------------
 
@@ -212,7 +224,35 @@ class LegionService:
         """Streams the backend decodes at once."""
         return max(1, int(self.backend.load_info().get("max_concurrent", 1)))
 
+    def load_ratio(self) -> float:
+        """(active + queued) / max, as :attr:`~meshnode.wire.legion.Cap.load_ratio` reads it from a cap."""
+        load = self.load()
+        return (load["active"] + load["queued"]) / max(1, load["max"])
+
+    def yields_to(self) -> str | None:
+        """Another meshnode that has shown it serves, is available and, by its latest cap, is less
+        loaded than this one: while there is one, this node's cap says unavailable.
+
+        Caps are a little stale (a node may have taken a call since its cap left), so towards a
+        node with a larger peer id this node steps back only when it is lighter by more than one
+        call: nodes that each took a call unseen then never all yield to one another (the yields
+        by less than a call point towards smaller ids and cannot go round in a circle), so the
+        room is not left without an available node while their caps cross."""
+        me, mine = self.room.self_id, self.load_ratio()
+        lighter = []
+        for peer_id, cap in self.roster.candidates().items():
+            margin = 0.0 if peer_id < me else 1 / max(1, (cap.load or {}).get("max", 1))
+            if cap.available and cap.load_ratio + margin < mine:
+                lighter.append((cap.load_ratio, peer_id))
+        return min(lighter)[1] if lighter else None
+
     def is_available(self) -> bool:
+        """Has capacity, and no less loaded meshnode is available in the room (see the module docstring)."""
+        return self.has_capacity() and self.yields_to() is None
+
+    def has_capacity(self) -> bool:
+        """Willing to take a call now: not draining, the link and the deadline allow it, a slot or
+        queue place is free."""
         if self.draining:
             return False
         if self.pacing is not None and not self.pacing.available():
@@ -250,9 +290,23 @@ class LegionService:
             logger.warning("could not send cap: %s", exc)
 
     def notify_load_changed(self) -> None:
-        """Re-broadcast the cap when availability flips (saturated / free again)."""
+        """This node's load moved: tell the other meshnodes, and re-broadcast the cap if availability flipped."""
+        self._load_changed.set()
+        self.check_availability()
+
+    def check_availability(self) -> None:
+        """Re-broadcast the cap when availability flips (saturated, free again, a lighter node came or went)."""
         if self.config.flip_caps_to_all and self.is_available() != self._last_available:
             self._cap_changed.set()
+
+    async def _sync_siblings(self) -> None:
+        """The cap, unicast to every meshnode that has shown it serves, after each change of this
+        node's load (bursts coalesce into one round): their yielding and /ai elections read it."""
+        while True:
+            await self._load_changed.wait()
+            self._load_changed.clear()
+            for peer_id in sorted(self.roster.candidates()):
+                await self._send_cap(target=peer_id)
 
     async def _heartbeat(self) -> None:
         """The cap every CAP_HEARTBEAT_SECONDS (the real roster drops a peer after 90 s without
@@ -271,7 +325,7 @@ class LegionService:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait):
                         await self._cap_changed.wait()
-                self.notify_load_changed()
+                self.check_availability()
             self._cap_changed.clear()
 
     async def _on_cap(self, peer_id: str, payload: Any) -> None:
@@ -279,6 +333,8 @@ class LegionService:
         if self.roster.needs_probe(entry):
             entry.probing = True
             self._tasks.spawn(self._probe(peer_id), f"probe->{peer_id[:8]}")
+        elif self.roster.verified(entry):
+            self.check_availability()  # a sibling's load moved: this node may yield to it, or stop yielding
 
     async def _probe(self, peer_id: str) -> None:
         """Ask a meshnode-looking peer for one token: only peers that serve may win the /ai election."""
@@ -297,6 +353,8 @@ class LegionService:
         if ok:
             entry.verified_at = self.clock()
             logger.info("peer %s (%r) serves engine_run: eligible for /ai", peer_id, entry.cap.nick)
+            self._load_changed.set()  # it learns this node's load, and this node may yield to it
+            self.check_availability()
         else:
             entry.probe_failed_at = self.clock()
             logger.info("peer %s (%r) claims to be a meshnode but did not serve a probe: not eligible for /ai",
@@ -496,8 +554,10 @@ class LegionService:
         message = legion.parse_chat(payload)
         if message.body_kind != "text" or not message.text or not message.text.startswith("/ai "):
             return
+        self.ai_messages += 1
         if not self.should_answer_ai(peer_id, message):
             return
+        self.ai_answered += 1
         prompt = message.text[4:].strip()
         if prompt.startswith("@"):
             prompt = prompt.split(" ", 1)[1].strip() if " " in prompt else ""
