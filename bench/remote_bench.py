@@ -51,6 +51,7 @@ from meshnode.cli.config import load_settings
 from meshnode.legion.client import LegionClient
 from meshnode.node.assembly import room_config
 from meshnode.room import Room
+from meshnode.transport.ice import IcePolicy, apply_ice_policy
 from meshnode.wire.frames import StreamDecoder
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "remote_bench"
@@ -287,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="writes OUT.json and OUT.png")
     args = parser.parse_args(argv)
     started = time.monotonic()
+    apply_ice_policy(IcePolicy(host_addresses_mode="only", host_addresses=("127.0.0.1",)))  # the tabs' ICE
     measured = asyncio.run(bench(args))
     document = {"command": "python bench/remote_bench.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
                 "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "upstream": args.upstream,

@@ -346,7 +346,7 @@ def test_build_engine_passes_the_cuda_settings(monkeypatch: pytest.MonkeyPatch, 
     seen: dict[str, Any] = {}
     monkeypatch.setattr(CudaEngine, "from_loaded", classmethod(lambda cls, loaded, **limits: seen.update(limits)))
     model = tiny_llama()
-    loaded = SimpleNamespace(device=torch.device("cuda"), model=model)
+    loaded = SimpleNamespace(device=torch.device("cuda"), model=model, device_map=None)
     settings = EngineSettings(context_tokens=4096, prefix_cache_mib=16, prefill_budget_tokens=0)
     factory.build_engine(loaded, settings, progress=False, cache_dir=tmp_path)
     assert seen["context_tokens"] == 4096 and seen["prefix_cache_bytes"] == 16 << 20
@@ -354,13 +354,13 @@ def test_build_engine_passes_the_cuda_settings(monkeypatch: pytest.MonkeyPatch, 
     assert seen["compile_cache"] == tmp_path / "compile" and seen["max_batch_tokens"] == 0
     assert seen["fp16_weights"] is False
     seen.clear()
-    factory.build_engine(SimpleNamespace(device=torch.device("cpu"), model=model), settings, progress=False,
-                         cache_dir=tmp_path)
+    factory.build_engine(SimpleNamespace(device=torch.device("cpu"), model=model, device_map=None), settings,
+                         progress=False, cache_dir=tmp_path)
     assert seen["fp16_weights"] is True and "prefix_cache_bytes" not in seen and "compile_cache" not in seen
     seen.clear()
     monkeypatch.setattr(TorchEngine, "from_loaded", classmethod(lambda cls, loaded, **limits: seen.update(limits)))
-    factory.build_engine(SimpleNamespace(device=torch.device("cpu"), model=tiny_llama().to(torch.float64)), settings,
-                         progress=False)
+    factory.build_engine(SimpleNamespace(device=torch.device("cpu"), model=tiny_llama().to(torch.float64),
+                                         device_map=None), settings, progress=False)
     assert set(seen) == {"max_queue", "max_prompt_tokens", "max_tokens_limit", "max_batch_tokens", "max_concurrent"}
 
 
