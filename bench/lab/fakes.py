@@ -9,6 +9,8 @@ real engine.
 Knobs for fault injection: a prompt containing ``FAIL_MARKER`` makes its stream fail after
 ``fail_after`` tokens (an engine error in one request); ``generate`` refuses as busy beyond
 ``max_concurrent + max_queue`` streams or ``max_batch_tokens`` reserved tokens, like the real engine.
+With ``slots=True`` only ``max_concurrent`` streams decode at once and the rest wait their turn in
+arrival order, as in a real engine's queue (otherwise every admitted stream runs at ``rate``).
 
 `CharTokenizer` is the tokenizer of the engine unit tests' tiny random models.
 """
@@ -25,6 +27,7 @@ from meshnode.errors import AdmissionError, MeshError
 from meshnode.generation.modelinfo import ModelInfo
 
 FAIL_MARKER = "<<engine-fault>>"
+SLOT_POLL_SECONDS = 0.005
 MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
@@ -64,12 +67,24 @@ class TimedStream:
             self.engine.streams.remove(self)
             self.engine.reserved -= self.reserve
 
+    async def _wait_for_slot(self) -> None:
+        """Queued (slots=True): wait until this stream is among the first max_concurrent; its
+        schedule starts then."""
+        while not self.cancelled and self in self.engine.streams and \
+                self.engine.streams.index(self) >= self.engine.max_concurrent:
+            await asyncio.sleep(SLOT_POLL_SECONDS)
+        self.start = time.monotonic()
+
     def __aiter__(self) -> TimedStream:
         return self
 
     async def __anext__(self) -> Chunk:
         if self.cancelled or self.finished:
             raise StopAsyncIteration
+        if self.engine.slots and not self.sent:
+            await self._wait_for_slot()
+            if self.cancelled:
+                raise StopAsyncIteration
         if self.fail_after is not None and self.sent >= self.fail_after:
             self.finished = True
             self._release()
@@ -99,7 +114,9 @@ class TimedEngine:
     tokenizer = None
 
     def __init__(self, *, rate: float = 50.0, tokens: int = 64, max_concurrent: int = 64, max_queue: int = 0,
-                 max_batch_tokens: int = 0, fail_after: int = 3, max_prompt_tokens: int = 4096) -> None:
+                 max_batch_tokens: int = 0, fail_after: int = 3, max_prompt_tokens: int = 4096,
+                 slots: bool = False) -> None:
+        self.slots = slots
         self.max_prompt_tokens = max_prompt_tokens
         self.rate = rate
         self.tokens = tokens
@@ -126,7 +143,8 @@ class TimedEngine:
         return " ".join(str(i) for i in ids)
 
     def load_info(self) -> dict[str, int]:
-        return {"active": len(self.streams), "queued": 0, "max_concurrent": self.max_concurrent,
+        active = min(len(self.streams), self.max_concurrent) if self.slots else len(self.streams)
+        return {"active": active, "queued": len(self.streams) - active, "max_concurrent": self.max_concurrent,
                 "max_queue": self.max_queue}
 
     def generate(self, prompt_ids: Sequence[int], params: Any) -> TimedStream:

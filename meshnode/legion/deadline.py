@@ -63,9 +63,14 @@ class ThroughputMeter:
             rate = sum(n for _, n in self._deliveries) / (now - max(self._busy_since, now - AGGREGATE_WINDOW_SECONDS))
             self.capacity = rate if self.capacity is None else max(rate, _blend(self.capacity, rate))
 
-    def call_done(self, tokens: int, started: float, first: float | None, last: float | None) -> None:
-        """A call ended: fold its time to first token and its per-stream rate into the averages."""
-        if first is not None:
+    def call_done(self, tokens: int, started: float, first: float | None, last: float | None, *,
+                  queued: bool = False) -> None:
+        """A call ended: fold its time to first token and its per-stream rate into the averages.
+
+        A call that started `queued` (every slot taken) waited before its first token; the
+        estimate models that wait itself, so its TTFT would count the wait twice and, once high,
+        refuse every call and never be measured again."""
+        if first is not None and not queued:
             self.ttft = _blend(self.ttft, first - started)
         if first is not None and last is not None and tokens >= 2 and last > first:
             self.per_stream = _blend(self.per_stream, (tokens - 1) / (last - first))

@@ -56,6 +56,8 @@ class CallState:
     tokens: int = 0
     task: asyncio.Task[None] | None = None
     cancelled: bool = False
+    queued: bool = False
+    """Every engine slot was taken when it started: its time to first token includes a queue wait."""
 
     @property
     def remaining(self) -> int:
@@ -101,8 +103,9 @@ class Generations:
 
     def start(self, peer_id: str, call_id: str, messages: list[dict[str, str]], max_tokens: int,
               temperature: float | None, top_p: float | None, *, reply_tool: bool, compression: str | None) -> None:
+        slots = max(1, int(self.backend.load_info().get("max_concurrent", 1)))
         call = CallState(peer_id=peer_id, call_id=call_id, max_tokens=min(max_tokens, self.settings.max_tokens),
-                         started=self.clock())
+                         started=self.clock(), queued=len(self.calls) >= slots)
         self.calls[(peer_id, call_id)] = call
         params = SamplingParams(temperature=DEFAULT_TEMPERATURE if temperature is None else temperature,
                                 top_p=DEFAULT_TOP_P if top_p is None else top_p, max_tokens=call.max_tokens)
@@ -228,7 +231,7 @@ class Generations:
         self._on_change()
         if call.cancelled:
             return
-        self.meter.call_done(len(outcome.ids), call.started, outcome.first, outcome.last)
+        self.meter.call_done(len(outcome.ids), call.started, outcome.first, outcome.last, queued=call.queued)
         elapsed = max(1e-6, self.clock() - call.started)
         if outcome.status == "error":
             self.failed_calls += 1

@@ -310,6 +310,26 @@ async def test_calls_that_could_not_finish_in_time_are_refused_at_once() -> None
         await stop(task)
 
 
+async def test_a_queued_call_does_not_inflate_the_time_to_first_token() -> None:
+    """A call that waited for the engine's only slot reached its first token late because of the
+    queue, which the estimate models by itself. Folding that wait into the TTFT average counted it
+    twice, and once the average was high every call was refused and it was never measured again
+    (bench/deadline_bench.py: 4 answers in 90 s on an engine that finishes 18)."""
+    engine = TimedEngine(rate=10, tokens=1000, max_concurrent=1, max_queue=4, slots=True)
+    room, service, task = await serve(engine, call_deadline_seconds=30.0)
+    try:
+        async with asyncio.timeout(20):
+            for call_id, peer in (("tc-first", A), ("tc-queued", B)):  # the second waits ~2 s for the slot
+                room.actions["tc"].inbox.put_nowait(Msg(peer, call(call_id, "engine_run", {"user": "x",
+                                                                                            "max_tokens": 20})))
+            results = [await result_for(room, call_id) for call_id in ("tc-first", "tc-queued")]
+        assert [r["status"] for r in results] == ["ok", "ok"]
+        assert results[1]["result"]["content"]["ttft_ms"] > 1500  # it did wait in the queue
+        assert service.meter.ttft is not None and service.meter.ttft < 0.5, service.meter.ttft
+    finally:
+        await stop(task)
+
+
 async def test_a_call_without_max_tokens_gets_the_budget_that_fits() -> None:
     room, service, task = await serve(TimedEngine(rate=10, tokens=1000), call_deadline_seconds=5.0)
     try:
