@@ -26,6 +26,7 @@ import torch
 
 from meshnode.errors import ModelError
 from meshnode.generation.api import SamplingParams
+from meshnode.generation.cputhreads import use_worker_threads
 from meshnode.generation.engine import Engine, Request
 from meshnode.generation.placement import execution_device
 from meshnode.generation.text import HFText
@@ -107,6 +108,7 @@ class TorchBatch:
 
     def serve(self, engine: Engine) -> None:
         """Admit (prefill alone), decode one step for every row, deliver; until the engine closes."""
+        use_worker_threads(self.device)
         with torch.inference_mode():
             while True:
                 newcomers = engine.next_work(engine.max_concurrent - len(self._rows), busy=bool(self._rows))

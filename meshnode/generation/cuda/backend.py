@@ -50,6 +50,7 @@ import torch
 
 from meshnode.errors import AdmissionError, ModelError
 from meshnode.generation.api import SamplingParams
+from meshnode.generation.cputhreads import use_worker_threads
 from meshnode.generation.cuda.compilecache import CompileCache
 from meshnode.generation.cuda.decoder import SlotDecoder, supports_model
 from meshnode.generation.cuda.graphs import DecodeGraphs
@@ -260,6 +261,7 @@ class CudaBatch:
     def serve(self, engine: Engine) -> None:
         """Warm up; then admit, prefill a chunk, launch a step, process the last one (pipelined)."""
         self._engine = engine
+        use_worker_threads(self.device)
         scope = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
         try:
             with scope, torch.inference_mode():
