@@ -142,7 +142,7 @@ class TorchBatch:
             engine.started(request)
             if engine.advance(request, token):
                 return
-            self._merge(request, out.cache)
+            self._merge(request, _cache_of(out))
         except Exception as exc:
             # Contained: one bad request (e.g. out of memory on a long prompt) fails alone.
             engine.fail([request], exc, "prefill")
@@ -190,7 +190,7 @@ class TorchBatch:
             self._drop_rows(engine, list(rows), "error")
             return
         self.steps += 1
-        self._cache = out.cache
+        self._cache = _cache_of(out)
         self._mask = mask
         logits = out.logits[:, -1, :].to(self.device)  # a no-op unless a device map put lm_head elsewhere
         greedy = logits.argmax(dim=-1).tolist()
@@ -272,3 +272,9 @@ def _left_pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
     if missing == 0:
         return mask
     return torch.nn.functional.pad(mask, (missing, 0))
+
+
+def _cache_of(out: Any) -> Any:
+    """A forward's KV cache: ``cache`` in transformers ≥ 5.2x, ``past_key_values`` before (5.17)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
