@@ -26,7 +26,7 @@ import torch
 
 from meshnode.errors import ModelError
 from meshnode.generation.api import SamplingParams
-from meshnode.generation.cputhreads import use_worker_threads
+from meshnode.generation.cputhreads import WorkerThreads
 from meshnode.generation.engine import Engine, Request
 from meshnode.generation.placement import execution_device
 from meshnode.generation.text import HFText
@@ -108,16 +108,19 @@ class TorchBatch:
 
     def serve(self, engine: Engine) -> None:
         """Admit (prefill alone), decode one step for every row, deliver; until the engine closes."""
-        use_worker_threads(self.device)
+        threads = WorkerThreads(self.device)
         with torch.inference_mode():
             while True:
                 newcomers = engine.next_work(engine.max_concurrent - len(self._rows), busy=bool(self._rows))
                 if newcomers is None:
                     return
+                if newcomers:
+                    threads.prefill()
                 for request in newcomers:
                     self._admit(engine, request)
                     engine.flush()  # first tokens go out right after their prefill
                 if self._rows:
+                    threads.decode()
                     self._decode_step(engine)
                 engine.flush()
 

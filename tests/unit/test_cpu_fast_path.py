@@ -88,27 +88,26 @@ def test_the_factory_picks_the_fast_path_on_a_cpu() -> None:
     assert isinstance(other, TorchEngine)  # nothing fbgemm can pack: the torch engine, unchanged
 
 
-def test_the_cpu_worker_leaves_one_core_to_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An engine worker on a CPU runs all usable cores but one (at least one): its OpenMP teams
-    started from a second thread were 2-3x slower with every core (meshnode/generation/cputhreads.py)."""
-    import threading
-
+def test_the_cpu_worker_prefills_on_every_core_and_decodes_on_all_but_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An engine worker on a CPU decodes on all usable cores but one (at least one): its OpenMP
+    teams started from a second thread were 2-3x slower with every core; prefill keeps every core
+    (meshnode/generation/cputhreads.py). Thread counts are set only when they change."""
     from meshnode.generation import cputhreads
 
-    for cores, expected in ((set(range(8)), 7), ({0, 1}, 1), ({0}, 1)):
-        monkeypatch.setattr(cputhreads.os, "sched_getaffinity", lambda _pid, cores=cores: cores)
-        assert cputhreads.worker_threads() == expected
-    seen: list[int] = []
-
-    def worker() -> None:
-        cputhreads.use_worker_threads(torch.device("cpu"))
-        seen.append(torch.get_num_threads())
-
-    thread = threading.Thread(target=worker)
-    thread.start()
-    thread.join()
-    assert seen == [1]  # the last patched affinity: one core
     calls: list[int] = []
     monkeypatch.setattr(cputhreads.torch, "set_num_threads", calls.append)
-    cputhreads.use_worker_threads(torch.device("meta"))  # not a CPU: the GPU engines keep theirs
+    for cores, decode in ((set(range(8)), 7), ({0, 1}, 1), ({0}, 1)):
+        monkeypatch.setattr(cputhreads.os, "sched_getaffinity", lambda _pid, cores=cores: cores)
+        threads = cputhreads.WorkerThreads(torch.device("cpu"))
+        calls.clear()
+        threads.prefill()
+        threads.decode()
+        threads.decode()
+        threads.prefill()
+        expected = [len(cores), decode, len(cores)] if decode != len(cores) else [1]
+        assert calls == expected, (cores, calls)
+    calls.clear()
+    gpu = cputhreads.WorkerThreads(torch.device("meta"))  # not a CPU: the GPU engines keep theirs
+    gpu.prefill()
+    gpu.decode()
     assert calls == []

@@ -50,7 +50,7 @@ import torch
 
 from meshnode.errors import AdmissionError, ModelError
 from meshnode.generation.api import SamplingParams
-from meshnode.generation.cputhreads import use_worker_threads
+from meshnode.generation.cputhreads import WorkerThreads
 from meshnode.generation.cuda.compilecache import CompileCache
 from meshnode.generation.cuda.decoder import SlotDecoder, supports_model
 from meshnode.generation.cuda.graphs import DecodeGraphs
@@ -261,7 +261,7 @@ class CudaBatch:
     def serve(self, engine: Engine) -> None:
         """Warm up; then admit, prefill a chunk, launch a step, process the last one (pipelined)."""
         self._engine = engine
-        use_worker_threads(self.device)
+        threads = WorkerThreads(self.device)
         scope = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
         try:
             with scope, torch.inference_mode():
@@ -273,7 +273,10 @@ class CudaBatch:
                         return
                     for request in newcomers:
                         self._assign_slot(request)
-                    self._prefill_some(engine)
+                    if self.prefiller.newcomers:
+                        threads.prefill()
+                        self._prefill_some(engine)
+                    threads.decode()
                     previous, self._inflight = self._inflight, self._launch(engine)
                     if previous is not None:
                         self._process(engine, previous)
