@@ -8,7 +8,7 @@ run where pytest-asyncio is not installed (the GPU machine).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from typing import Any
 
 import pytest
@@ -22,6 +22,16 @@ TIMEOUT_SECONDS = 60.0
 """Bound for each engine test (a shared 2-core machine; normally a few seconds)."""
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """The tiny models' ops are too small to share; one thread avoids OpenMP stalls on a busy host.
+    Import it into a test module: an autouse fixture applies where it is imported."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def run(coro: Coroutine[Any, Any, Any]) -> Any:

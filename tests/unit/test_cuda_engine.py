@@ -11,7 +11,6 @@ pytest-asyncio is not installed (the GPU machine).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -26,16 +25,17 @@ from meshnode.generation.cuda.decoder import SlotDecoder, supports_model
 from meshnode.generation.cuda.sampler import sample_row_exact, sample_rows, sample_rows_exact, seed_key
 from meshnode.generation.engine import Engine
 from meshnode.generation.torch_backend import TorchEngine
-from tests.cudakit import EagerGraph, hf_greedy, make_engine, needs_cuda, prompt, run, tiny_llama, tiny_qwen
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+from tests.cudakit import (
+    EagerGraph,
+    hf_greedy,
+    make_engine,
+    needs_cuda,
+    one_torch_thread,  # noqa: F401 - autouse fixture: one torch thread
+    prompt,
+    run,
+    tiny_llama,
+    tiny_qwen,
+)
 
 # --------------------------------------------------------------------------------------------------
 # Decoder

@@ -11,7 +11,6 @@ machine, where pytest-asyncio is not installed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -28,27 +27,14 @@ from meshnode.generation.api import SamplingParams
 from meshnode.generation.placement import Placement, format_bytes, parse_max_memory, plan_device_map
 from meshnode.generation.torch_backend import TorchEngine
 from meshnode.settings import EngineSettings
+from tests.cudakit import (
+    needs_cuda,
+    one_torch_thread,  # noqa: F401 - autouse fixture: one torch thread
+    run,
+)
 
-TIMEOUT_SECONDS = 60.0
 GIB = 2**30
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
-
-
-def run(coro: Coroutine[Any, Any, Any]) -> Any:
-    async def bounded() -> Any:
-        async with asyncio.timeout(TIMEOUT_SECONDS):
-            return await coro
-
-    return asyncio.run(bounded())
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_config() -> LlamaConfig:

@@ -9,7 +9,6 @@ mid-block, eviction from a tiny pool, a tab's next turn, and the continuing-chun
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +23,17 @@ from meshnode.generation.cuda.compilecache import CompileCache
 from meshnode.generation.cuda.prefill import budget_table
 from meshnode.generation.cuda.prefix import PrefixStore
 from meshnode.generation.cuda.sizing import plan_kv
-from tests.cudakit import EagerGraph, hf_greedy, make_engine, run, tiny_llama
+from tests.cudakit import (
+    EagerGraph,
+    hf_greedy,
+    make_engine,
+    one_torch_thread,  # noqa: F401 - autouse fixture: one torch thread
+    run,
+    tiny_llama,
+)
 
 BLOCK = 8
 """Prefix block of the engine tests (small, so short prompts span several blocks)."""
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------------------------------
