@@ -40,8 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="before each trial's streams, measure what the connected idle tabs cost the link "
                             "(keep-alives, caps) for S seconds (default 0: skip)")
     group.add_argument("--node-config", type=Path, default=DEFAULT_NODE_CONFIG, metavar="FILE.toml",
-                       help="the node's settings (meshnode join --config; default %(default)s); the bench adds "
-                            "the lab's room and TURN relay and --uplink CAP")
+                       help="the node's settings (meshnode join --config; default configs/uplink-50KBps.toml); the "
+                            "bench adds the lab's room and TURN relay and --uplink CAP")
     group.add_argument("--streams", metavar="N[,N...]", help="run exactly these N per mode instead of searching")
     group.add_argument("--start", type=int, default=6,
                        help="first N of the search (default 6; paced modes start at --streams-per-peer or more)")
