@@ -196,7 +196,7 @@ class LimitSettings:
     """Per-peer limits against hostile room members (docs/limits.md explains each default)."""
 
     max_message_bytes: int = 1048576
-    """Largest inbound action message (reassembled); larger ones are dropped while arriving."""
+    """Largest inbound action message (reassembled); a peer that sends a larger one is dropped."""
     max_pending_messages_per_peer: int = 32
     """Partially received messages kept per peer; the oldest is evicted beyond."""
     max_pending_bytes_per_peer: int = 2097152
@@ -206,7 +206,7 @@ class LimitSettings:
     max_queued_bytes_per_peer: int = 2097152
     """Bytes one peer may have waiting in one action's queue."""
     peer_rate_bytes_per_second: int = 262144
-    """Sustained inbound bytes/s per peer; a peer over its burst (2 x max_message_bytes) is dropped."""
+    """Sustained inbound bytes/s per peer; over its burst (max_message_bytes + 1 s of this) it is dropped."""
     peer_rate_messages_per_second: int = 200
     """Sustained inbound data-channel messages/s per peer (burst: 4 s worth); beyond, dropped."""
     max_connections: int = 64

@@ -65,7 +65,7 @@ class RoomConfig:
     event_queue_size: int = 1024
     """Join/leave events buffered for next_event()."""
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    """Largest accepted action message (reassembled)."""
+    """Largest accepted action message (reassembled); a peer that sends a larger one is dropped."""
     max_pending_messages_per_peer: int = DEFAULT_MAX_PENDING_MESSAGES_PER_PEER
     """Incomplete (partially received) messages kept per peer; the oldest is evicted beyond."""
     max_pending_bytes_per_peer: int = DEFAULT_MAX_PENDING_BYTES_PER_PEER
@@ -81,7 +81,7 @@ class RoomConfig:
     """Sustained inbound bytes per second allowed per connection; a peer that exhausts its burst
     is disconnected and banned (0 = unlimited)."""
     peer_burst_bytes: int = 0
-    """Inbound byte burst per connection (defaults to 2 × max_message_bytes when a rate is set)."""
+    """Inbound byte burst per connection (defaults to max_message_bytes plus one second of the rate)."""
     peer_rate_messages_per_second: float = 0.0
     """Sustained inbound data-channel messages per second per connection (0 = unlimited)."""
     peer_burst_messages: int = 0

@@ -47,7 +47,7 @@ class InboundLimits:
 
 def inbound_limits(configs: Iterable[RoomConfig], now: float) -> InboundLimits:
     """The tightest limits among the rooms that share a connection."""
-    byte_rates = [(c.peer_rate_bytes_per_second, c.peer_burst_bytes or 2 * c.max_message_bytes)
+    byte_rates = [(c.peer_rate_bytes_per_second, c.peer_burst_bytes or c.max_message_bytes + c.peer_rate_bytes_per_second)
                   for c in configs if c.peer_rate_bytes_per_second > 0]
     frame_rates = [(c.peer_rate_messages_per_second, c.peer_burst_messages or 4 * c.peer_rate_messages_per_second)
                    for c in configs if c.peer_rate_messages_per_second > 0]

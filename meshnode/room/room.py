@@ -96,6 +96,7 @@ class Room:
             max_message_bytes=config.max_message_bytes,
             max_pending_messages_per_peer=config.max_pending_messages_per_peer,
             max_pending_bytes_per_peer=config.max_pending_bytes_per_peer,
+            on_oversize=self.drop_peer,
         )
         self._tasks = TaskOwner(f"room[{config.room_id}:{self.self_id[:8]}]")
         self._mesh: AppMesh | None = None

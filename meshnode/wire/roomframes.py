@@ -13,6 +13,7 @@ import logging
 import math
 import re
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Final
@@ -451,7 +452,9 @@ class Reassembler:
 
     Limits: one message may hold at most `max_message_bytes`; a peer may have at most
     `max_pending_messages_per_peer` incomplete messages and `max_pending_bytes_per_peer` buffered
-    bytes, beyond which its oldest incomplete messages are evicted. The key of a dropped message is
+    bytes, beyond which its oldest incomplete messages are evicted. A peer whose message outgrows
+    `max_message_bytes` is reported to `on_oversize` (the room drops it: whatever it is sending
+    cannot be delivered, and every further chunk would cost parsing). The key of a dropped message is
     remembered (a small, bounded "tombstone") until its last chunk, so that its remaining chunks are
     swallowed instead of being delivered as a truncated message.
     """
@@ -462,6 +465,7 @@ class Reassembler:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_pending_messages_per_peer: int = DEFAULT_MAX_PENDING_MESSAGES_PER_PEER,
         max_pending_bytes_per_peer: int = DEFAULT_MAX_PENDING_BYTES_PER_PEER,
+        on_oversize: Callable[[str, str], None] | None = None,
     ) -> None:
         if min(max_message_bytes, max_pending_messages_per_peer, max_pending_bytes_per_peer) < 1:
             raise ValueError("reassembly limits must be positive")
@@ -471,6 +475,8 @@ class Reassembler:
         self.max_pending_messages_per_peer = max_pending_messages_per_peer
         self.max_pending_bytes_per_peer = max_pending_bytes_per_peer
         self.max_tombstones_per_peer = TOMBSTONES_PER_PENDING * max_pending_messages_per_peer
+        self.on_oversize = on_oversize
+        """Called with (peer id, reason) when a peer's message outgrew `max_message_bytes`."""
         self._pending: dict[str, OrderedDict[_Key, _Partial]] = {}
         self._tombstones: dict[str, OrderedDict[_Key, None]] = {}
         self._peer_bytes: dict[str, int] = {}
@@ -541,14 +547,10 @@ class Reassembler:
         """Buffer one chunk; False when the message was dropped instead."""
         size = len(chunk.payload)
         if partial.size + size > self.max_message_bytes:
-            self._drop_message(
-                peer_id,
-                key,
-                chunk.last,
-                "action %r exceeds %d bytes",
-                key[0],
-                self.max_message_bytes,
-            )
+            reason = f"action {key[0]!r} exceeds {self.max_message_bytes} bytes"
+            self._drop_message(peer_id, key, chunk.last, "%s", reason)
+            if self.on_oversize is not None:
+                self.on_oversize(peer_id, reason)
             return False
         if chunk.is_metadata:
             try:

@@ -19,7 +19,8 @@ from meshnode.generation.api import SamplingParams
 from meshnode.generation.torch_backend import TorchEngine
 from meshnode.legion.outbox import MAX_OPTIONAL_PENDING
 from meshnode.legion.service import LegionService
-from meshnode.room.inbound import InboundLimits, TokenBucket
+from meshnode.room.config import RoomConfig
+from meshnode.room.inbound import InboundLimits, TokenBucket, inbound_limits
 from meshnode.room.mailbox import Mailbox
 from meshnode.wire import legion
 from meshnode.wire.envelopes import decode_cf_payload
@@ -189,6 +190,13 @@ def test_inbound_bucket_refills_with_time() -> None:
     assert "messages/s" in (limits.admit(10, 0.0) or "")
     assert limits.admit(100, 1.0) is None  # a second later: 10 more messages, 100 more bytes
     assert "bytes/s" in (limits.admit(150, 1.0) or "")
+
+
+def test_inbound_burst_defaults_to_one_maximal_message_and_a_second_of_the_rate() -> None:
+    config = RoomConfig(strategy="memory", app_id="a", room_id="r", max_message_bytes=1000, peer_rate_bytes_per_second=100)
+    limits = inbound_limits([config], now=0.0)
+    assert limits.bytes is not None and limits.bytes.burst == 1100
+    assert limits.admit(1100, 0.0) is None and limits.admit(1, 0.0) is not None
 
 
 @pytest.fixture(scope="module")

@@ -152,12 +152,16 @@ def test_memory_stays_bounded_and_nothing_truncated_is_delivered(
 
 
 def test_oversize_message_is_dropped_and_rest_swallowed() -> None:
-    reassembler = rf.Reassembler(max_message_bytes=1000, max_pending_bytes_per_peer=1000)
+    offenders: list[tuple[str, str]] = []
+    reassembler = rf.Reassembler(max_message_bytes=1000, max_pending_bytes_per_peer=1000,
+                                 on_oversize=lambda peer, reason: offenders.append((peer, reason)))
     data, kind = rf.encode_payload(bytes(50000))
     chunks = rf.encode_action("big", 0, data, kind)
     assert all(reassembler.feed("p", chunk) is None for chunk in chunks)
     assert reassembler.pending_bytes == 0
     assert reassembler.dropped == 1
+    # Reported once, at the chunk that crossed the limit (the room drops such a peer there).
+    assert offenders == [("p", "action 'big' exceeds 1000 bytes")]
     # The next message on the same action is delivered normally.
     data, kind = rf.encode_payload(b"ok")
     (chunk,) = rf.encode_action("big", 1, data, kind)
