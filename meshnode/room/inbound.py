@@ -47,8 +47,8 @@ class InboundLimits:
 
 def inbound_limits(configs: Iterable[RoomConfig], now: float) -> InboundLimits:
     """The tightest limits among the rooms that share a connection."""
-    byte_rates = [(c.peer_rate_bytes_per_second, c.peer_burst_bytes or c.max_message_bytes + c.peer_rate_bytes_per_second)
-                  for c in configs if c.peer_rate_bytes_per_second > 0]
+    byte_rates = [(rate, c.peer_burst_bytes or c.max_message_bytes + rate)
+                  for c in configs if (rate := c.peer_rate_bytes_per_second) > 0]
     frame_rates = [(c.peer_rate_messages_per_second, c.peer_burst_messages or 4 * c.peer_rate_messages_per_second)
                    for c in configs if c.peer_rate_messages_per_second > 0]
     return InboundLimits(
