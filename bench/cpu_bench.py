@@ -15,7 +15,8 @@ greedy, same machine. Each path runs in a process of its own, so its memory is i
 
 Measured: decode tok/s at 1, 4, 8, 16 concurrent streams (rows × new tokens after the first, over
 the decode time; 128 new tokens, EOS ignored so every row runs the full length), TTFT of one
-32-token and one 512-token prompt, peak RSS, and greedy agreement with fp32 transformers (first
+32-token and one 512-token prompt, peak RSS and the RSS after the runs with the model still
+loaded (what a node left running holds), and greedy agreement with fp32 transformers (first
 differing token of 64, on 8 prompts). Every timing is the best of ``--repeats`` runs (the machine
 is shared). Results: JSON with the command, and a PNG.
 
@@ -54,9 +55,10 @@ ROWS = (1, 4, 8, 16)
 PATHS = ("meshnode", "meshnode-fp32", "torch-engine", "transformers", "llama.cpp")
 
 
-def peak_rss_mb() -> float:
+def peak_rss_mb(field: str = "VmHWM") -> float:
+    """The process's peak resident memory (``VmRSS``: its resident memory now), MB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM"):
+        if line.startswith(field):
             return round(int(line.split()[1]) / 1024, 1)
     return 0.0
 
@@ -164,6 +166,7 @@ def run_engine(path: str, inputs: dict[str, Any], repeats: int) -> dict[str, Any
             )
         rows_out = [(await stream(p, AGREE_TOKENS))[0] for p in inputs["prompts"]]
         result["agreement"] = agreement(rows_out, inputs["reference"])
+        result["rss_mb"] = peak_rss_mb("VmRSS")  # what a node left running holds
         await engine.close()
         return result
 
@@ -205,6 +208,7 @@ def run_transformers(inputs: dict[str, Any], repeats: int) -> dict[str, Any]:
         wall = min(generate([inputs["prompts"][i % 8] for i in range(rows)], NEW_TOKENS)[1] for _ in range(repeats))
         result["decode_tok_s"][str(rows)] = round(rows * (NEW_TOKENS - 1) / max(1e-6, wall - prefill[rows]), 1)
     result["agreement"] = agreement([generate([p], AGREE_TOKENS)[0][0] for p in inputs["prompts"]], inputs["reference"])
+    result["rss_mb"] = peak_rss_mb("VmRSS")
     return result
 
 
@@ -217,9 +221,9 @@ import llama_cpp as L
 import numpy as np
 args = json.loads(sys.stdin.read())
 
-def peak():
+def peak(field="VmHWM"):
     for line in open("/proc/self/status"):
-        if line.startswith("VmHWM"):
+        if line.startswith(field):
             return round(int(line.split()[1]) / 1024, 1)
 
 L.llama_backend_init()
@@ -278,6 +282,7 @@ for rows in args["rows"]:
 for name in ("short", "long"):
     result["ttft_ms"][str(len(args[name]))] = round(min(run([args[name]], 1)[1] for _ in range(args["repeats"])) * 1000, 1)
 result["rows_out"] = [run([p], args["agree"])[0][0] for p in args["prompts"]]
+result["rss_mb"] = peak("VmRSS")
 result["peak_rss_mb"] = peak()
 print(json.dumps(result))
 '''

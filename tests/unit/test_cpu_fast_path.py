@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import os
 from typing import Any
 
 import pytest
@@ -111,3 +113,67 @@ def test_the_cpu_worker_prefills_on_every_core_and_decodes_on_all_but_one(monkey
     gpu.prefill()
     gpu.decode()
     assert calls == []
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads Linux's /proc")
+def test_the_cpu_kv_cache_takes_memory_only_where_written() -> None:
+    """lazy_zeros: a 256 MiB cache reads as zeros, costs resident memory only for the pages
+    written, and outlives every reference to its mapping but the tensor's."""
+    from meshnode.generation.cpumemory import lazy_zeros
+
+    before = _resident_bytes()
+    cache = lazy_zeros((64, 1024, 1024), torch.float32, torch.device("cpu"))
+    assert cache.shape == (64, 1024, 1024) and cache.dtype == torch.float32
+    assert not cache[::7, ::97].any()  # reading maps the zero page, nothing is allocated
+    cache[3, :16] = 1.5  # 64 KiB written
+    gc.collect()
+    assert _resident_bytes() - before < 32 << 20
+    assert cache[3, :16].eq(1.5).all() and cache.sum().item() == 1.5 * 16 * 1024
+
+
+def test_a_packed_decoder_on_its_lazy_cache_writes_only_the_rows_it_runs() -> None:
+    """The fast path's KV cache (a lazily zero-filled mapping) starts as zeros; packing layer by
+    layer keeps the decoder's output (prefill argmax equal to an unpacked twin's)."""
+    model = tiny_llama()
+    decoder = SlotDecoder(model, slots=2, max_len=64)
+    assert not decoder.kv.any()
+    exact = SlotDecoder(tiny_llama(), slots=2, max_len=64)
+    decoder.pack_fp16(model)
+    tokens = torch.tensor([prompt(2)])
+    with torch.no_grad():
+        assert torch.equal(decoder.prefill(tokens, torch.tensor([1]), [0], [tokens.shape[1]]).argmax(-1),
+                           exact.prefill(tokens, torch.tensor([1]), [0], [tokens.shape[1]]).argmax(-1))
+    assert decoder.kv[:, 1].abs().sum() > 0 and not decoder.kv[:, 0].any()  # only row 1 was written
+
+
+def test_all_greedy_steps_take_the_argmax_and_agree_with_the_sampler() -> None:
+    """A step whose rows are all greedy skips the sampler (its argmax path); with a sampling row
+    beside it the same greedy row goes through the sampler, and its tokens are the same."""
+
+    async def collect(engine: CudaEngine, ids: list[int], params: SamplingParams) -> list[int]:
+        out: list[int] = []
+        async with engine.generate(ids, params) as stream:
+            async for chunk in stream:
+                out.extend(chunk.ids)
+        return out
+
+    greedy = SamplingParams(temperature=0.0, max_tokens=16)
+    sampled = SamplingParams(temperature=0.9, max_tokens=16, seed=5)
+
+    async def main() -> tuple[list[int], list[list[int]]]:
+        engine = CudaEngine(tiny_llama(), CharTokenizer(), model_id="tiny", max_concurrent=4, max_queue=8,
+                            max_prompt_tokens=64, max_tokens_limit=64, fp16_weights=True)
+        try:
+            alone = await collect(engine, prompt(0), greedy)
+            mixed = list(await asyncio.gather(collect(engine, prompt(0), greedy), collect(engine, prompt(1), sampled)))
+        finally:
+            await engine.close()
+        return alone, mixed
+
+    alone, (beside, other) = run(main())
+    assert beside == alone and len(alone) == 16 and len(other) == 16

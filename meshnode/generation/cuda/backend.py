@@ -135,12 +135,12 @@ class CudaBatch:
         self.max_len = max_len
         """Positions per slot: every request's prompt + max_tokens must fit."""
         self.max_positions: int | None = max_len
-        self.decoder = SlotDecoder(model, slots=plan.slots, max_len=max_len)
+        self.decoder = SlotDecoder(model, slots=plan.slots, max_len=max_len, fp16_weights=fp16_weights)
         self.fp16_weights = fp16_weights
         """Projections as fbgemm fp16-packed weights (the CPU fast path)."""
         if fp16_weights:
-            freed = self.decoder.pack_fp16(model)
-            logger.info("%s: fp16-packed weights for the CPU (%.0f MB of fp32 freed)", model_id, freed / 1e6)
+            logger.info("%s: fp16-packed weights for the CPU (%.0f MB of fp32 freed)", model_id,
+                        self.decoder.freed_bytes / 1e6)
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
         self.kv_cache_bytes = self.decoder.kv.numel() * self.decoder.kv.element_size()
         """Bytes of the preallocated slot KV cache."""
@@ -417,7 +417,7 @@ class CudaBatch:
                 # step would need: keep them (one copy, only while such rows are running).
                 self._stash[: previous.batch].copy_(self.graphs.logits[: previous.batch])
                 self._stashed = previous.number
-            self.graphs.step(batch, length)
+            self.graphs.step(batch, length, greedy=all(run.request.params.greedy for run in decoding))
             self._launches += 1
             result = state.result_host[self._launches % RESULT_BUFFERS]
             result[:batch].copy_(state.result[:batch], non_blocking=True)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the usual alias
 
 from meshnode.errors import ModelError
+from meshnode.generation.cpumemory import lazy_zeros, trim_heap
 from meshnode.generation.cuda.hostcopy import to_device
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "SlotDecoder", "supports_model"]
@@ -149,6 +150,49 @@ def _fuse(modules: Sequence[Any], attribute: str) -> torch.Tensor | None:
     return fused
 
 
+_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def _check_packable(model: Any) -> None:
+    device = next(model.parameters()).device
+    if not fp16_packing_available(device) or next(model.parameters()).dtype != torch.float32:
+        raise ModelError("fp16 packed weights need a float32 model on an x86 CPU (fbgemm)")
+
+
+def _projection_bytes(module: Any) -> int:
+    """fp32 bytes of one decoder layer's projections (0 once they were emptied by packing)."""
+    return sum(p.numel() * p.element_size() for name in _PROJECTIONS
+               for p in module.get_submodule(name).parameters(recurse=False))
+
+
+def _pack_layer(layer: _Layer, module: Any) -> _Layer:
+    """``layer`` with fbgemm fp16-packed projections; ``module``'s fp32 projections are emptied
+    (their memory is freed once ``layer``, the last holder of the fused copies, is dropped)."""
+    pack = torch.ops.quantized.linear_prepack_fp16
+    packed = _Layer(norm_in=layer.norm_in, qkv_weight=pack(layer.qkv_weight, layer.qkv_bias), qkv_bias=None,
+                    out_weight=pack(layer.out_weight, layer.out_bias), out_bias=None, norm_mlp=layer.norm_mlp,
+                    gate_up_weight=pack(layer.gate_up_weight, None), down_weight=pack(layer.down_weight, None))
+    for name in _PROJECTIONS:
+        linear = module.get_submodule(name)
+        linear.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+        if linear.bias is not None:
+            linear.bias = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+    return packed
+
+
+def _leave_file_mappings(model: Any) -> None:
+    """Copy the weights that stay in use (embeddings, norms) into the process's own memory.
+
+    A model loaded from safetensors keeps its tensors in a mapping of the file, which lives as long
+    as any of them does: every page that packing read stays resident (SmolLM2-135M: 0.5 GB) while
+    only the small leftovers are used. Copying those drops the last reference to the mapping.
+    """
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.numel():
+            tensor.data = tensor.data.clone()
+
+
 class SlotDecoder:
     """A Llama/Qwen2 decoder forward over a slot KV cache, driven by a transformers model's weights.
 
@@ -157,20 +201,24 @@ class SlotDecoder:
     (:func:`sample_rows`).
     """
 
-    def __init__(self, model: Any, *, slots: int, max_len: int) -> None:
+    def __init__(self, model: Any, *, slots: int, max_len: int, fp16_weights: bool = False) -> None:
         """Wrap ``model`` and allocate the KV cache.
 
         Args:
             model: A supported transformers causal LM (see :func:`supports_model`).
             slots: Cache rows (concurrent streams).
             max_len: Positions per row (a scratch column is added).
+            fp16_weights: Pack each layer as it is fused (see :meth:`pack_fp16`): the fp32 fused
+                copies never pile up, which keeps a CPU node's peak memory down.
 
         Raises:
-            ModelError: The model is not supported.
+            ModelError: The model is not supported, or ``fp16_weights`` cannot be packed here.
         """
         reason = supports_model(model)
         if reason is not None:
             raise ModelError(f"SlotDecoder cannot run this model: {reason}")
+        if fp16_weights:
+            _check_packable(model)
         config = model.config
         inner = model.model
         self.heads = int(config.num_attention_heads)
@@ -193,7 +241,15 @@ class SlotDecoder:
         self.device = self.embed.device
         self.dtype = self.embed.dtype
         with torch.no_grad():
-            self.layers = [self._fuse_layer(layer) for layer in inner.layers]
+            self.layers: list[_Layer] = []
+            freed = 0
+            for module in inner.layers:
+                fused = self._fuse_layer(module)
+                if fp16_weights:
+                    freed += _projection_bytes(module)
+                    fused = _pack_layer(fused, module)
+                self.layers.append(fused)
+                del fused
             rotary = inner.rotary_emb
             scale = float(getattr(rotary, "attention_scaling", 1.0))
             positions = torch.arange(max_len + 1, device=self.device, dtype=torch.float32)
@@ -201,16 +257,8 @@ class SlotDecoder:
             angles = torch.cat((freqs, freqs), dim=-1)
             self.cos = (angles.cos() * scale).to(self.dtype)
             self.sin = (angles.sin() * scale).to(self.dtype)
-        self.kv = torch.zeros(
-            len(self.layers),
-            slots,
-            2,
-            self.kv_heads,
-            max_len + 1,
-            self.head_dim,
-            device=self.device,
-            dtype=self.dtype,
-        )
+        self.kv = lazy_zeros(
+            (len(self.layers), slots, 2, self.kv_heads, max_len + 1, self.head_dim), self.dtype, self.device)
         """The cache: ``[layers, slots, k/v, kv_heads, max_len + 1, head_dim]``."""
         self.rows = torch.arange(slots, device=self.device)
         # Elementwise helpers; replaced by compiled versions in :meth:`compile`.
@@ -218,6 +266,8 @@ class SlotDecoder:
         self.add_norm: Callable[..., Any] = _add_rms_norm
         self.rope: Callable[..., Any] = _rope_split
         self.silu_mul: Callable[..., Any] = _silu_mul
+        self.freed_bytes = freed + (self.pack_fp16(model) if fp16_weights else 0)
+        """fp32 projection bytes freed by packing (0 when the weights are not packed)."""
 
     @staticmethod
     def kv_bytes_per_position(model: Any) -> int:
@@ -314,25 +364,20 @@ class SlotDecoder:
         of fp32 is about twice the speed, and fbgemm's fp16 GEMM accumulates in fp32 (greedy
         output stays close to fp32; docs/engines.md has the measured agreement). The model's own
         projection weights are emptied, so their fp32 copies are freed: after this only the
-        decoder can run the model. Returns the bytes freed.
+        decoder can run the model. Layers packed at construction (``fp16_weights=True``) stay as
+        they are. Returns the fp32 bytes freed.
         """
-        if not fp16_packing_available(self.device) or self.dtype != torch.float32:
-            raise ModelError("fp16 packed weights need a float32 model on an x86 CPU (fbgemm)")
-        pack = torch.ops.quantized.linear_prepack_fp16
+        _check_packable(model)
         freed = 0
         with torch.no_grad():
-            self.layers = [_Layer(norm_in=layer.norm_in, qkv_weight=pack(layer.qkv_weight, layer.qkv_bias),
-                                  qkv_bias=None, out_weight=pack(layer.out_weight, layer.out_bias), out_bias=None,
-                                  norm_mlp=layer.norm_mlp, gate_up_weight=pack(layer.gate_up_weight, None),
-                                  down_weight=pack(layer.down_weight, None)) for layer in self.layers]
-            self.head = pack(self.lm_head, None)
-            for layer in model.model.layers:
-                for module in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
-                               layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
-                    freed += module.weight.numel() * module.weight.element_size()
-                    module.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
-                    if module.bias is not None:
-                        module.bias = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+            for index, module in enumerate(model.model.layers):
+                if isinstance(self.layers[index].down_weight, torch.Tensor):
+                    freed += _projection_bytes(module)
+                    self.layers[index] = _pack_layer(self.layers[index], module)
+            if isinstance(self.head, torch.Tensor):
+                self.head = torch.ops.quantized.linear_prepack_fp16(self.lm_head, None)
+            _leave_file_mappings(model)
+        trim_heap()  # the freed fp32 weights leave the process instead of staying in malloc's heap
         return freed
 
     # -- prefill -----------------------------------------------------------------------------------

@@ -117,17 +117,26 @@ class DecodeGraphs:
 
     # -- bodies ------------------------------------------------------------------------------------
 
-    def step_body(self, batch: int, length: int) -> None:
-        """The work of one decode step over slots ``0..batch-1`` (what a graph replays)."""
+    def step_body(self, batch: int, length: int, *, greedy: bool = False) -> None:
+        """The work of one decode step over slots ``0..batch-1`` (what a graph replays).
+
+        ``greedy``: every running row is greedy, so the step takes the argmax and skips the
+        sampler (eager steps only; on a CPU the sampler's full-vocabulary work cost 2.8 ms of a
+        step at 1 row and 29 ms at 8, against 0.1 and 1 ms for the argmax)."""
         state = self.state
         ints, floats = state.ints[:batch], state.floats[:batch]
         tokens, positions = ints[:, TOKEN], ints[:, POSITION]
         logits = self.decoder.decode(tokens, positions, length, self.logits[:batch])
-        ids, overflow = self.sampler(logits, floats[:, TEMPERATURE], ints[:, TOP_K], floats[:, TOP_P], ints[:, KEY],
-                                     ints[:, COUNTER], min(SAMPLING_CANDIDATES, self.decoder.vocab))
+        if greedy:
+            state.result[:batch, 0].copy_(logits.argmax(dim=-1))
+            state.result[:batch, 1].zero_()
+            ids = state.result[:batch, 0]
+        else:
+            ids, overflow = self.sampler(logits, floats[:, TEMPERATURE], ints[:, TOP_K], floats[:, TOP_P],
+                                         ints[:, KEY], ints[:, COUNTER], min(SAMPLING_CANDIDATES, self.decoder.vocab))
+            state.result[:batch, 0].copy_(ids)
+            state.result[:batch, 1].copy_(overflow)
         active = ints[:, ACTIVE]
-        state.result[:batch, 0].copy_(ids)
-        state.result[:batch, 1].copy_(overflow)
         tokens.copy_(torch.where(active > 0, ids, tokens))
         positions.add_(active)
         ints[:, COUNTER].add_(active)
@@ -155,13 +164,14 @@ class DecodeGraphs:
 
     # -- running -----------------------------------------------------------------------------------
 
-    def step(self, batch: int, length: int) -> None:
-        """Run one decode step: replay its graph, or run it eagerly when none was captured."""
+    def step(self, batch: int, length: int, *, greedy: bool = False) -> None:
+        """Run one decode step: replay its graph, or run it eagerly when none was captured
+        (``greedy``: every running row is greedy; see :meth:`step_body`)."""
         graph = self.graphs.get((batch, length))
         if graph is not None:
             graph.replay()
         else:
-            self.step_body(batch, length)
+            self.step_body(batch, length, greedy=greedy)
 
     def prefill(self, chunks: torch.Tensor, slots: list[int], starts: list[int], lengths: list[int]
                 ) -> torch.Tensor | None:
