@@ -132,6 +132,26 @@ def test_sampler_matches_exact_reference_row_by_row() -> None:
                 assert exact == int(logits[i].argmax())
 
 
+def test_sampler_without_whole_vocabulary_rows_picks_the_same() -> None:
+    """Skipping the whole-vocabulary noise (no row samples without top-k/top-p: the Legion
+    default, temperature 0.7 with top_p 0.95) leaves every other row's pick unchanged."""
+    from meshnode.generation.cuda.slots import samples_whole_vocabulary
+
+    torch.manual_seed(5)
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, top_p=0.95),
+              SamplingParams(temperature=0.9, top_k=8), SamplingParams(temperature=1.2, top_k=20, top_p=0.5)]
+    assert not any(samples_whole_vocabulary(p) for p in params)
+    assert samples_whole_vocabulary(SamplingParams(temperature=0.7))
+    for trial in range(3):
+        logits = torch.randn(len(params), 3000) * (1 + trial)
+        inputs = (logits, torch.tensor([p.temperature for p in params]), torch.tensor([p.top_k for p in params]),
+                  torch.tensor([p.top_p for p in params]), torch.tensor([seed_key(7 + i) for i in range(len(params))]),
+                  torch.tensor([trial] * len(params)), 64)
+        full, full_overflow = sample_rows(*inputs)
+        trimmed, trimmed_overflow = sample_rows(*inputs, whole_vocabulary=False)
+        assert torch.equal(full, trimmed) and torch.equal(full_overflow, trimmed_overflow)
+
+
 def test_batched_exact_sampler_matches_row_reference() -> None:
     torch.manual_seed(4)
     params = [

@@ -59,7 +59,15 @@ from meshnode.generation.cuda.prefill import DEFAULT_CUDA_PREFILL_BUDGET_TOKENS,
 from meshnode.generation.cuda.prefix import DEFAULT_BLOCK_TOKENS, PrefixStore
 from meshnode.generation.cuda.sampler import sample_rows_exact, seed_key
 from meshnode.generation.cuda.sizing import kv_budget, plan_kv
-from meshnode.generation.cuda.slots import RESULT_BUFFERS, Launch, Running, SlotState, bucket, may_overflow
+from meshnode.generation.cuda.slots import (
+    RESULT_BUFFERS,
+    Launch,
+    Running,
+    SlotState,
+    bucket,
+    may_overflow,
+    samples_whole_vocabulary,
+)
 from meshnode.generation.engine import Engine, Request
 from meshnode.generation.text import HFText
 
@@ -417,7 +425,9 @@ class CudaBatch:
                 # step would need: keep them (one copy, only while such rows are running).
                 self._stash[: previous.batch].copy_(self.graphs.logits[: previous.batch])
                 self._stashed = previous.number
-            self.graphs.step(batch, length, greedy=all(run.request.params.greedy for run in decoding))
+            params = [run.request.params for run in decoding]
+            self.graphs.step(batch, length, greedy=all(p.greedy for p in params),
+                             whole_vocabulary=any(samples_whole_vocabulary(p) for p in params))
             self._launches += 1
             result = state.result_host[self._launches % RESULT_BUFFERS]
             result[:batch].copy_(state.result[:batch], non_blocking=True)

@@ -362,7 +362,7 @@ class SlotDecoder:
 
         On a CPU the decode step streams every weight from memory once per token: half the bytes
         of fp32 is about twice the speed, and fbgemm's fp16 GEMM accumulates in fp32 (greedy
-        output stays close to fp32; docs/engines.md has the measured agreement). The model's own
+        output stays close to fp32; bench/results/README.md has the measured agreement). The model's own
         projection weights are emptied, so their fp32 copies are freed: after this only the
         decoder can run the model. Layers packed at construction (``fp16_weights=True``) stay as
         they are. Returns the fp32 bytes freed.

@@ -117,12 +117,13 @@ class DecodeGraphs:
 
     # -- bodies ------------------------------------------------------------------------------------
 
-    def step_body(self, batch: int, length: int, *, greedy: bool = False) -> None:
+    def step_body(self, batch: int, length: int, *, greedy: bool = False, whole_vocabulary: bool = True) -> None:
         """The work of one decode step over slots ``0..batch-1`` (what a graph replays).
 
-        ``greedy``: every running row is greedy, so the step takes the argmax and skips the
-        sampler (eager steps only; on a CPU the sampler's full-vocabulary work cost 2.8 ms of a
-        step at 1 row and 29 ms at 8, against 0.1 and 1 ms for the argmax)."""
+        What the host knows of the running rows trims eager steps (graphs keep the full body):
+        ``greedy``: every row is greedy, so the step takes the argmax and skips the sampler (on a
+        CPU the sampler cost 2.8 ms of a step at 1 row and 29 ms at 8, the argmax 0.1 and 1 ms);
+        ``whole_vocabulary=False``: no row samples without top-k/top-p (see :func:`sample_rows`)."""
         state = self.state
         ints, floats = state.ints[:batch], state.floats[:batch]
         tokens, positions = ints[:, TOKEN], ints[:, POSITION]
@@ -133,7 +134,8 @@ class DecodeGraphs:
             ids = state.result[:batch, 0]
         else:
             ids, overflow = self.sampler(logits, floats[:, TEMPERATURE], ints[:, TOP_K], floats[:, TOP_P],
-                                         ints[:, KEY], ints[:, COUNTER], min(SAMPLING_CANDIDATES, self.decoder.vocab))
+                                         ints[:, KEY], ints[:, COUNTER], min(SAMPLING_CANDIDATES, self.decoder.vocab),
+                                         whole_vocabulary)
             state.result[:batch, 0].copy_(ids)
             state.result[:batch, 1].copy_(overflow)
         active = ints[:, ACTIVE]
@@ -164,14 +166,14 @@ class DecodeGraphs:
 
     # -- running -----------------------------------------------------------------------------------
 
-    def step(self, batch: int, length: int, *, greedy: bool = False) -> None:
+    def step(self, batch: int, length: int, *, greedy: bool = False, whole_vocabulary: bool = True) -> None:
         """Run one decode step: replay its graph, or run it eagerly when none was captured
-        (``greedy``: every running row is greedy; see :meth:`step_body`)."""
+        (the flags say what the running rows need; see :meth:`step_body`)."""
         graph = self.graphs.get((batch, length))
         if graph is not None:
             graph.replay()
         else:
-            self.step_body(batch, length, greedy=greedy)
+            self.step_body(batch, length, greedy=greedy, whole_vocabulary=whole_vocabulary)
 
     def prefill(self, chunks: torch.Tensor, slots: list[int], starts: list[int], lengths: list[int]
                 ) -> torch.Tensor | None:

@@ -80,6 +80,7 @@ def sample_rows(
     keys: torch.Tensor,
     counters: torch.Tensor,
     candidates: int = SAMPLING_CANDIDATES,
+    whole_vocabulary: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row on the logits' device, each row with its own settings.
 
@@ -96,6 +97,9 @@ def sample_rows(
         keys: ``[B]`` int64 row keys.
         counters: ``[B]`` int64 token index within each request.
         candidates: Candidate count (at most V).
+        whole_vocabulary: Some row samples without top-k/top-p, over the whole vocabulary. A
+            caller that knows none does passes False and skips that row kind's noise (a hash of
+            every token id per row: 14.5 of the 29 ms this took for 8 rows on a CPU).
 
     Returns:
         ``(ids, overflow)``: ``[B]`` int64 tokens and ``[B]`` bool rows to resample exactly.
@@ -119,8 +123,11 @@ def sample_rows(
     noise = _gumbel(keys, counters, cand_ids)
     pick = torch.where(allowed, cand_scores + noise, -math.inf).argmax(dim=-1)
     from_candidates = cand_ids.gather(1, pick[:, None])[:, 0]
-    vocab = torch.arange(scaled.shape[-1], device=scaled.device)
-    from_vocab = (scaled + _gumbel(keys, counters, vocab)).argmax(dim=-1)
+    if whole_vocabulary:
+        vocab = torch.arange(scaled.shape[-1], device=scaled.device)
+        from_vocab = (scaled + _gumbel(keys, counters, vocab)).argmax(dim=-1)
+    else:
+        from_vocab = best  # no row takes it
     plain = ~use_k & ~use_p
     ids = torch.where(greedy, best, torch.where(plain, from_vocab, from_candidates))
     overflow = ~greedy & (

@@ -13,7 +13,8 @@ from meshnode.generation.cuda.sampler import SAMPLING_CANDIDATES
 from meshnode.generation.engine import Request
 
 __all__ = ["ACTIVE", "COUNTER", "KEY", "POSITION", "RESULT_BUFFERS", "TEMPERATURE", "TOKEN", "TOP_K", "TOP_P",
-           "FirstToken", "Launch", "Running", "SlotState", "bucket", "buckets", "may_overflow"]
+           "FirstToken", "Launch", "Running", "SlotState", "bucket", "buckets", "may_overflow",
+           "samples_whole_vocabulary"]
 
 TOKEN, POSITION, ACTIVE, TOP_K, KEY, COUNTER = range(6)
 """Integer columns of :attr:`SlotState.ints`."""
@@ -88,6 +89,11 @@ class SlotState:
         index = index.to(self.device, non_blocking=True)
         self.ints.index_copy_(0, index, ints.to(self.device, non_blocking=True))
         self.floats.index_copy_(0, index, floats.to(self.device, non_blocking=True))
+
+
+def samples_whole_vocabulary(params: SamplingParams) -> bool:
+    """Whether a row samples without top-k/top-p (the sampler's whole-vocabulary kind)."""
+    return not params.greedy and params.top_k <= 0 and params.top_p >= 1
 
 
 def may_overflow(params: SamplingParams) -> bool:
