@@ -1,9 +1,10 @@
 """Resident memory of a CPU engine: caches that grow with use, and heap handed back after loading.
 
 A CPU node is what people leave running on a laptop, so its footprint is what they see in `top`.
-Two things kept it far above the model's size (SmolLM2-135M: 2.3 GB peak, llama.cpp 0.5 GB):
-a slot KV cache zero-filled up front (16 slots × 1,024 positions = 755 MB touched before the first
-token) and the fp32 weights freed after packing staying in glibc's heap.
+SmolLM2-135M peaked at 2.65 GB in bench/cpu_bench.py (llama.cpp: 0.54 GB). A slot KV cache
+zero-filled up front was 755 MB of it (16 slots × 1,024 positions, touched before the first token);
+freed fp32 weights left in malloc's heap and in the safetensors mapping were most of the rest
+(the mapping is released by the decoder, see ``_leave_file_mappings``).
 """
 
 from __future__ import annotations
