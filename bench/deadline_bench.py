@@ -36,6 +36,7 @@ if str(ROOT) not in sys.path:
 
 from bench.lab.fakes import TimedEngine
 from bench.lab.meshkit import Asker, join_room, median, node_settings, start_node
+from bench.lab.report import write_json
 from meshnode.legion.client import CallRecord
 from signaling.adapters.memory import MemoryHub
 
@@ -143,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "tabs × per_tab calls in flight",
                 "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
                 "wall_s": round(time.monotonic() - started, 1), "results": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(document, indent=1) + "\n")
+    write_json(document, args.out)
     print(f"wrote {args.out}")
     return 0
 

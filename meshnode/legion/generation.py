@@ -101,11 +101,14 @@ class Generations:
         """Tokens each running call may still generate (its budget minus what it sent)."""
         return [call.remaining for call in self.calls.values()]
 
+    def slots(self) -> int:
+        """Streams the backend decodes at once."""
+        return max(1, int(self.backend.load_info().get("max_concurrent", 1)))
+
     def start(self, peer_id: str, call_id: str, messages: list[dict[str, str]], max_tokens: int,
               temperature: float | None, top_p: float | None, *, reply_tool: bool, compression: str | None) -> None:
-        slots = max(1, int(self.backend.load_info().get("max_concurrent", 1)))
         call = CallState(peer_id=peer_id, call_id=call_id, max_tokens=min(max_tokens, self.settings.max_tokens),
-                         started=self.clock(), queued=len(self.calls) >= slots)
+                         started=self.clock(), queued=len(self.calls) >= self.slots())
         self.calls[(peer_id, call_id)] = call
         params = SamplingParams(temperature=DEFAULT_TEMPERATURE if temperature is None else temperature,
                                 top_p=DEFAULT_TOP_P if top_p is None else top_p, max_tokens=call.max_tokens)

@@ -222,7 +222,7 @@ class LegionService:
 
     def slots(self) -> int:
         """Streams the backend decodes at once."""
-        return max(1, int(self.backend.load_info().get("max_concurrent", 1)))
+        return self.generations.slots()
 
     def load_ratio(self) -> float:
         """(active + queued) / max, as :attr:`~meshnode.wire.legion.Cap.load_ratio` reads it from a cap."""

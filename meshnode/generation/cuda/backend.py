@@ -411,6 +411,7 @@ class CudaBatch:
         self._compact()
         state = self.state
         decoding = [run for run in self._running.values() if run.decoding]
+        params = [run.request.params for run in decoding]
         try:
             state.apply()
             if not decoding:
@@ -425,7 +426,6 @@ class CudaBatch:
                 # step would need: keep them (one copy, only while such rows are running).
                 self._stash[: previous.batch].copy_(self.graphs.logits[: previous.batch])
                 self._stashed = previous.number
-            params = [run.request.params for run in decoding]
             self.graphs.step(batch, length, greedy=all(p.greedy for p in params),
                              whole_vocabulary=any(samples_whole_vocabulary(p) for p in params))
             self._launches += 1
@@ -441,7 +441,7 @@ class CudaBatch:
                 self._release(run)
             return None
         self.steps += 1
-        overflowing = any(may_overflow(run.request.params) for run in decoding)
+        overflowing = any(may_overflow(p) for p in params)
         return Launch(self._launches, batch, [(run, run.slot) for run in decoding], overflowing, result, event)
 
     def _process(self, engine: Engine, launch: Launch) -> None:
